@@ -1,0 +1,354 @@
+"""The generation module behind a narrow interface: sample, velocity, trainable state in/out.
+
+One adapter wraps diffusers' rectified-flow pipelines: ``StableDiffusion3Pipeline`` ("sd3") and
+``FluxPipeline`` ("flux"). Built from ``policy.pretrained`` (diffusers ``from_pretrained``) or from
+``policy.tiny`` (random tiny pipelines from :mod:`learner.tiny`).
+
+Latent space. ``x0`` and the ``x_t`` passed to :meth:`Policy.velocity` live in the space the
+transformer is trained in: the VAE latent *normalised* as ``(z - shift_factor) * scaling_factor``
+(this is what the pipelines return with ``output_type="latent"``), laid out ``[B, C, h, w]`` with
+``h = H / vae_scale_factor``. For FLUX the transformer sees 2x2-packed tokens; packing and
+unpacking happen inside :meth:`velocity`, so callers always see ``[B, C, h, w]`` and per-pixel
+reward maps at ``[h, w]`` line up for both kinds.
+
+Trainable state. LoRA (``lora_rank > 0``, peft adapter "default" on the transformer) or full
+fine-tuning of the transformer; text encoders and VAE are frozen and in eval mode. State keys are
+peft's ``get_peft_model_state_dict`` names for LoRA (adapter name stripped; loadable by diffusers'
+LoRA loaders with a ``transformer.`` prefix) and ``named_parameters`` names for full FT.
+Trainable tensors are kept in float32 (master weights) even when the pipeline runs in bf16/fp16.
+
+Guidance. SD3 uses classifier-free guidance with the empty prompt as negative (as the pipeline
+does). FLUX uses the guidance value as the distilled guidance embedding (when the transformer has
+one), both for sampling and in :meth:`Policy.velocity`; FLUX's "true CFG" is not used.
+
+Version. ``Policy.version`` counts weight changes: the learner bumps it after every optimiser step
+that changed the weights; :meth:`load_trainable_state` sets it to the publisher's version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from peft import LoraConfig, get_peft_model_state_dict
+
+from learner.tiny import build_tiny
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PIPELINE_CLASSES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
+ADAPTER_NAME = "default"
+
+
+@dataclass
+class SampleBatch:
+    """Samples from :meth:`Policy.sample`.
+
+    ``images``: uint8 ``[B, H, W, 3]`` CPU; ``x0``: float32 CPU ``[B, C, h, w]`` normalised latents
+    (the space the transformer trains in); ``meta``: one dict per sample (seed, steps, guidance,
+    size, policy version, kind).
+    """
+
+    images: torch.Tensor
+    x0: torch.Tensor
+    prompts: list[str]
+    seeds: list[int]
+    meta: list[dict[str, Any]] = field(default_factory=list)
+    version: int = 0
+
+
+@dataclass
+class Conditioning:
+    """Frozen text-encoder outputs for a batch of prompts (on the policy's device and dtype)."""
+
+    embeds: torch.Tensor  # [B, L, D]
+    pooled: torch.Tensor  # [B, P]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _dtype_kwarg() -> str:
+    """Newer diffusers take ``dtype=`` (``torch_dtype`` deprecated, e.g. 0.42); older ones ``torch_dtype=``."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
+
+
+def load_pipeline(kind: str, pretrained: str, dtype: torch.dtype):
+    """Load a real pipeline with diffusers' ``from_pretrained`` (hub id or local directory)."""
+    if kind not in PIPELINE_CLASSES:
+        raise ValueError(f"policy.kind must be one of {sorted(PIPELINE_CLASSES)}, got {kind!r}")
+    return PIPELINE_CLASSES[kind].from_pretrained(pretrained, **{_dtype_kwarg(): dtype})
+
+
+class Policy:
+    """Adapter around a diffusers flow-matching pipeline (see module docstring)."""
+
+    def __init__(
+        self,
+        pipe: StableDiffusion3Pipeline | FluxPipeline,
+        kind: str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        lora_rank: int = 0,
+        lora_alpha: float = 16.0,
+        lora_target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+        height: int = 64,
+        width: int = 64,
+        num_inference_steps: int = 8,
+        guidance_scale: float = 4.5,
+        max_sequence_length: int = 77,
+        cache_size: int = 512,
+        seed: int = 0,
+    ) -> None:
+        if kind not in PIPELINE_CLASSES:
+            raise ValueError(f"policy.kind must be one of {sorted(PIPELINE_CLASSES)}, got {kind!r}")
+        if not isinstance(pipe, PIPELINE_CLASSES[kind]):
+            raise TypeError(f"kind {kind!r} needs a {PIPELINE_CLASSES[kind].__name__}, got {type(pipe).__name__}")
+        self.kind = kind
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.height, self.width = height, width
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.max_sequence_length = max_sequence_length
+        self.cache_size = cache_size
+        self.lora_rank = lora_rank
+        self.version = 0
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+        if pipe.dtype != dtype:  # from_pretrained already applied torch_dtype; tiny builds are fp32
+            pipe.to(dtype=dtype)
+        pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.eval()
+                module.requires_grad_(False)
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        if lora_rank > 0:  # LoRA A is random (B is zero): seed it, leave the global RNG alone
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.transformer.add_adapter(
+                    LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=list(lora_target_modules),
+                               init_lora_weights=True),
+                    adapter_name=ADAPTER_NAME,
+                )
+        else:
+            self.transformer.requires_grad_(True)
+        self.transformer.eval()
+        self._params = self._collect_trainable()
+        for p in self._params.values():  # float32 master weights
+            p.data = p.data.float()
+
+    # ----------------------------------------------------------------------------------- building
+    @classmethod
+    def from_config(cls, cfg: Any, seed: int = 0, **kwargs: Any) -> Policy:
+        """Build from a ``PolicyConfig``: ``pretrained`` -> ``from_pretrained``; else tiny random.
+
+        ``seed`` fixes the tiny model's weights and the LoRA initialisation."""
+        dtype = DTYPES[cfg.dtype]
+        if cfg.pretrained:
+            pipe = load_pipeline(cfg.kind, cfg.pretrained, dtype)
+        elif cfg.tiny:
+            pipe = build_tiny(cfg.kind, seed)
+        else:
+            raise ValueError("policy: set policy.pretrained (hub id or local dir) or policy.tiny=true")
+        return cls(
+            pipe, cfg.kind, device=resolve_device(cfg.device), dtype=dtype,
+            lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+            lora_target_modules=tuple(cfg.lora_target_modules), height=cfg.height, width=cfg.width,
+            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+            max_sequence_length=cfg.max_sequence_length, seed=seed, **kwargs,
+        )
+
+    def _collect_trainable(self) -> dict[str, torch.nn.Parameter]:
+        named = {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
+        if self.lora_rank <= 0:
+            return named
+        strip = f".{ADAPTER_NAME}"
+        params = {n.replace(strip, ""): p for n, p in named.items()}
+        peft_keys = set(get_peft_model_state_dict(self.transformer, adapter_name=ADAPTER_NAME))
+        if peft_keys != set(params):
+            raise RuntimeError(f"LoRA parameter names disagree with peft's state dict: "
+                               f"{sorted(peft_keys ^ set(params))[:5]}")
+        return params
+
+    # ------------------------------------------------------------------------------ conditioning
+    def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kind == "sd3":
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
+                do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
+            )
+        else:
+            embeds, pooled, _ = self.pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, device=self.device,
+                max_sequence_length=self.max_sequence_length,
+            )
+        return embeds, pooled
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        """Text-encoder outputs for ``prompts``, from a bounded LRU cache keyed by prompt text."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        self.cache_misses += len(missing)
+        self.cache_hits += len(prompts) - len(missing)
+        if missing:
+            embeds, pooled = self._encode_uncached(missing)
+            for i, p in enumerate(missing):
+                self._cache[p] = (embeds[i].to(self.dtype), pooled[i].to(self.dtype))
+        for p in prompts:
+            self._cache.move_to_end(p)
+        rows = [self._cache[p] for p in prompts]
+        while len(self._cache) > max(self.cache_size, len(set(prompts))):
+            self._cache.popitem(last=False)
+        return Conditioning(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+
+    # -------------------------------------------------------------------------------- inference
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.pipe.vae_scale_factor)
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Normalised latents ``[B, C, h, w]`` -> uint8 images ``[B, H, W, 3]`` on CPU."""
+        vae = self.pipe.vae
+        z = x0.to(self.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        img = vae.decode(z, return_dict=False)[0].float()
+        img = (img / 2 + 0.5).clamp(0, 1)  # same as VaeImageProcessor.denormalize
+        return (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
+               guidance: float | None = None, height: int | None = None,
+               width: int | None = None) -> SampleBatch:
+        """Generate one image per (prompt, seed); each sample's initial noise comes from its own
+        CPU ``torch.Generator(seed)``, so a sample is reproducible for its seed."""
+        prompts, seeds = list(prompts), [int(s) for s in seeds]
+        if len(prompts) != len(seeds) or not prompts:
+            raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts, {len(seeds)} seeds")
+        steps = steps or self.num_inference_steps
+        guidance = self.guidance_scale if guidance is None else guidance
+        height, width = height or self.height, width or self.width
+        t0 = time.perf_counter()
+        cond = self.encode(prompts)
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        kw: dict[str, Any] = dict(
+            height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+            generator=gens, output_type="latent", max_sequence_length=self.max_sequence_length,
+            prompt_embeds=cond.embeds, pooled_prompt_embeds=cond.pooled,
+        )
+        if self.kind == "sd3" and guidance > 1.0:
+            neg = self.encode([""] * len(prompts))
+            kw.update(negative_prompt_embeds=neg.embeds, negative_pooled_prompt_embeds=neg.pooled)
+        with self._autocast():
+            latents = self.pipe(**kw).images
+            if self.kind == "flux":
+                latents = self.pipe._unpack_latents(latents, height, width, self.vae_scale_factor)
+            images = self.decode(latents)
+        elapsed = time.perf_counter() - t0
+        meta = [dict(seed=s, prompt=p, steps=steps, guidance=guidance, height=height, width=width,
+                     version=self.version, kind=self.kind, sample_time_s=elapsed / len(prompts))
+                for p, s in zip(prompts, seeds, strict=True)]
+        return SampleBatch(images=images, x0=latents.float().cpu(), prompts=prompts, seeds=seeds,
+                           meta=meta, version=self.version)
+
+    # ---------------------------------------------------------------------------------- training
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, prompts: Sequence[str] | None = None, *,
+                 cond: Conditioning | None = None) -> torch.Tensor:
+        """Predicted velocity (noise - x0) at ``x_t`` ``[B, C, h, w]`` and ``t`` ``[B]`` in (0, 1).
+
+        Pass ``prompts`` (looked up in the cache) or precomputed ``cond``. Differentiable w.r.t.
+        the trainable parameters; returns float32 ``[B, C, h, w]`` on the policy device.
+        """
+        if cond is None:
+            if prompts is None:
+                raise ValueError("velocity needs prompts or cond")
+            cond = self.encode(prompts)
+        b, c, h, w = x_t.shape
+        if cond.embeds.shape[0] != b or t.shape != (b,):
+            raise ValueError(f"batch mismatch: x_t {tuple(x_t.shape)}, t {tuple(t.shape)}, "
+                             f"conditioning {tuple(cond.embeds.shape)}")
+        x = x_t.to(self.device, self.dtype)
+        t = t.to(self.device, torch.float32)
+        with self._autocast():
+            if self.kind == "sd3":
+                # float32 timesteps, as the pipeline passes the scheduler's timesteps
+                v = self.transformer(hidden_states=x, timestep=t * 1000,
+                                     encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled,
+                                     return_dict=False)[0]
+            else:
+                v = self._flux_velocity(x, t, cond)
+        return v.float()
+
+    def _flux_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        b, c, h, w = x.shape
+        packed = self.pipe._pack_latents(x, b, c, h, w)
+        img_ids = self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, self.device, self.dtype)
+        txt_ids = torch.zeros(cond.embeds.shape[1], 3, device=self.device, dtype=self.dtype)
+        guidance = None
+        if self.transformer.config.guidance_embeds:  # guidance-distilled: same value as sampling
+            guidance = torch.full((b,), float(self.guidance_scale), device=self.device)
+        out = self.transformer(hidden_states=packed, timestep=t.to(self.dtype), guidance=guidance,
+                               pooled_projections=cond.pooled, encoder_hidden_states=cond.embeds,
+                               txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        vsf = self.vae_scale_factor
+        return self.pipe._unpack_latents(out, h * vsf, w * vsf, vsf)
+
+    # ------------------------------------------------------------------------- trainable state
+    def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Trainable parameters by state-dict key (see module docstring)."""
+        return dict(self._params)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self._params.values())
+
+    def trainable_state(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """``(version, {key: CPU tensor copy})`` of the trainable tensors only."""
+        return self.version, {k: p.detach().to("cpu", copy=True) for k, p in self._params.items()}
+
+    @torch.no_grad()
+    def load_trainable_state(self, state: Mapping[str, torch.Tensor], version: int | None = None) -> None:
+        """Copy ``state`` into the trainable tensors; names and shapes must match exactly.
+
+        Raises ``ValueError`` naming the first few missing, unexpected and mis-shaped keys.
+        """
+        missing = [k for k in self._params if k not in state]
+        unexpected = [k for k in state if k not in self._params]
+        bad = [f"{k}: got {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}, "
+               f"want {tuple(self._params[k].shape)}"
+               for k, v in state.items()
+               if k in self._params and (not isinstance(v, torch.Tensor) or v.shape != self._params[k].shape)]
+        if missing or unexpected or bad:
+            parts = []
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad)):
+                if items:
+                    more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                    parts.append(f"{len(items)} {label}: {items[:5]}{more}")
+            raise ValueError("trainable state does not match this policy: " + "; ".join(parts))
+        for k, p in self._params.items():
+            p.copy_(state[k])
+        if version is not None:
+            self.version = int(version)
