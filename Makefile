@@ -8,6 +8,8 @@ STAMP  := $(VENV)/.srum-installed
 SRUM_SKIP_VLLM ?= 0
 
 .PHONY: setup vllm-env test test-all run bench lint clean
+# extra dotted overrides for `make run`, e.g. make run ARGS="run.max_steps=20 learner.lambda_c=0.3"
+ARGS ?=
 
 setup: $(STAMP)
 
@@ -26,6 +28,9 @@ test: setup vllm-env
 
 test-all: setup vllm-env
 	$(BIN)/python -m pytest -m ''
+
+run: setup
+	$(BIN)/python -m cluster.main --config configs/default.yaml $(ARGS)
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -125,7 +125,7 @@ class JudgeConfig(_Section):
     max_retries: int = Field(3, ge=0, description="Retries on connection errors and 5xx (4xx is never retried).")
     backoff_s: float = Field(0.5, ge=0, description="Base of the exponential backoff between retries, seconds.")
     max_in_flight_per_endpoint: int = Field(16, ge=1, description="Cap on concurrent requests per endpoint (the backpressure).")
-    health_check: bool = Field(True, description="Check each endpoint's /health before use.")
+    health_check: bool = Field(True, description="Check each endpoint (GET /v1/models: up, and serving `model`) before use.")
 
     @field_validator("endpoints")
     @classmethod

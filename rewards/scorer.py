@@ -1,0 +1,173 @@
+"""Per-sample scoring: image + prompt -> regions, judge scores, reward map (image and latent grid).
+
+:class:`SampleScorer` glues a region proposer (:mod:`rewards.regions`), a judge
+(:mod:`rewards.judge`) and the reward map (:mod:`rewards.reward_map`):
+
+* ``reward.granularity == "region"``: the proposer's boxes (SAM / grounding) are judged in one
+  hybrid request while the global-layout score is requested concurrently (and the proposer runs
+  concurrently with the global request); the regions' "Identified Object" answers go through the
+  keyword filter when ``regions.keyword_filter`` is on; then
+  :func:`rewards.reward_map.build_reward_map` at image resolution and
+  :func:`rewards.reward_map.resize_map` to the latent grid.
+* ``reward.granularity == "sample"``: one sample-level score (and the global score when
+  ``reward.use_global``); no regions are proposed.
+* ``reward.use_global == False``: the global score is not requested at all.
+
+Failures: any exception while scoring a sample (a judge call that failed after its retries, a
+proposer error) gives a :class:`ScoredSample` with ``failed=True``, ``drop=True``,
+``drop_reason="judge_failed"`` and the error text; it is logged and counted, never raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rewards.judge import JudgeError, JudgeResult, RegionsJudgeResult, prepare_image
+from rewards.regions import Proposal, keyword_filter
+from rewards.reward_map import Region, RewardMap, build_reward_map, resize_map
+
+log = logging.getLogger("srum.scorer")
+
+DROP_JUDGE_FAILED = "judge_failed"
+
+
+@dataclass
+class ScoredSample:
+    """Everything the scorer learned about one sample."""
+
+    prompt: str
+    regions: list[Region] = field(default_factory=list)
+    global_score: float | None = None
+    global_reason: str = ""
+    sample_score: float | None = None
+    alpha: float = 0.0
+    reward_map: RewardMap | None = None
+    R_latent: torch.Tensor | None = None
+    drop: bool = True
+    drop_reason: str | None = None
+    failed: bool = False
+    error: str | None = None
+    n_proposed: int = 0
+    n_filtered: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class SampleScorer:
+    """Score samples with ``judge`` and ``proposer`` under ``reward_cfg`` (a ``RewardConfig``).
+
+    ``keyword_filter`` defaults to ``proposer.cfg.keyword_filter`` (``RegionsConfig``);
+    ``max_concurrency`` bounds :meth:`score_many`.
+    """
+
+    def __init__(self, judge: Any, proposer: Any, reward_cfg: Any, keyword_filter: bool | None = None,
+                 max_concurrency: int = 8):
+        self.judge = judge
+        self.proposer = proposer
+        self.cfg = reward_cfg
+        if keyword_filter is None:
+            keyword_filter = bool(getattr(getattr(proposer, "cfg", None), "keyword_filter", False))
+        self.keyword_filter = keyword_filter
+        self.max_concurrency = max(1, int(max_concurrency))
+        self.counts: dict[str, int] = {"scored": 0, "failed": 0, "dropped": 0, "regions_proposed": 0,
+                                       "regions_filtered": 0}
+        self.errors: dict[str, int] = {}
+
+    async def score(self, image: Any, prompt: str, latent_hw: Sequence[int]) -> ScoredSample:
+        """Score one image (PIL, uint8 HxWx3 array or tensor) for ``prompt``; never raises."""
+        t0 = time.perf_counter()
+        out = ScoredSample(prompt=prompt)
+        try:
+            img = prepare_image(image)
+            width, height = img.size
+            if self.cfg.granularity == "sample":
+                g_res, s_res = await _all(self._global(img, prompt), self.judge.score_sample(img, prompt))
+                out.sample_score = s_res.score
+                regions: list[Region] = []
+            else:
+                g_res, (props, r_res, propose_s) = await _all(self._global(img, prompt), self._regions(img, prompt))
+                out.timings["propose_s"] = propose_s
+                regions = _merge(props, r_res)
+                out.n_proposed = len(props)
+                regions, out.n_filtered = keyword_filter(regions, prompt, self.keyword_filter)
+            out.timings["judge_s"] = time.perf_counter() - t0
+            if g_res is not None:
+                out.global_score, out.global_reason = g_res.score, g_res.reason
+            t1 = time.perf_counter()
+            rmap = build_reward_map(regions, out.global_score, height, width, self.cfg, sample_score=out.sample_score)
+            h, w = int(latent_hw[0]), int(latent_hw[1])
+            out.R_latent = resize_map(rmap.R, h, w, mode=self.cfg.resize)
+            out.timings["map_s"] = time.perf_counter() - t1
+            out.regions, out.reward_map = regions, rmap
+            out.alpha, out.drop, out.drop_reason = rmap.alpha, rmap.drop, rmap.drop_reason
+        except Exception as err:  # contract: a failed sample, never an exception
+            kind = err.kind if isinstance(err, JudgeError) else type(err).__name__
+            self.errors[kind] = self.errors.get(kind, 0) + 1
+            if isinstance(err, JudgeError):
+                log.warning("scoring failed for prompt %r: %s", prompt[:80], err)
+            else:
+                log.exception("scoring failed for prompt %r", prompt[:80])
+            out = ScoredSample(prompt=prompt, failed=True, error=f"{type(err).__name__}: {err}", drop=True,
+                               drop_reason=DROP_JUDGE_FAILED, timings=out.timings)
+        out.timings["total_s"] = time.perf_counter() - t0
+        self._count(out)
+        return out
+
+    async def score_many(self, images: Sequence[Any], prompts: Sequence[str], latent_hw: Sequence[int],
+                         max_concurrency: int | None = None) -> list[ScoredSample]:
+        """Score ``images[i]`` for ``prompts[i]`` with at most ``max_concurrency`` at once (order kept)."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        sem = asyncio.Semaphore(max_concurrency or self.max_concurrency)
+
+        async def one(image: Any, prompt: str) -> ScoredSample:
+            async with sem:
+                return await self.score(image, prompt, latent_hw)
+
+        return list(await asyncio.gather(*(one(i, p) for i, p in zip(images, prompts, strict=True))))
+
+    def counters(self) -> dict[str, Any]:
+        return {**self.counts, "errors": dict(self.errors)}
+
+    # internals -------------------------------------------------------------------------------
+    async def _global(self, img: Any, prompt: str) -> JudgeResult | None:
+        return await self.judge.score_global(img, prompt) if self.cfg.use_global else None
+
+    async def _regions(self, img: Any, prompt: str) -> tuple[list[Proposal], RegionsJudgeResult | None, float]:
+        t0 = time.perf_counter()
+        props = await self.proposer.apropose(img, prompt)
+        propose_s = time.perf_counter() - t0
+        if not props:
+            return props, None, propose_s
+        return props, await self.judge.score_regions(img, prompt, [p.box for p in props]), propose_s
+
+    def _count(self, out: ScoredSample) -> None:
+        c = self.counts
+        c["failed" if out.failed else ("dropped" if out.drop else "scored")] += 1
+        c["regions_proposed"] += out.n_proposed
+        c["regions_filtered"] += out.n_filtered
+
+
+async def _all(*coros: Any) -> list[Any]:
+    """``asyncio.gather`` that cancels (and awaits) the siblings when one fails."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _merge(props: Sequence[Proposal], res: RegionsJudgeResult | None) -> list[Region]:
+    if res is None:
+        return []
+    return [Region(box=p.box, score=r.score, label=r.label or p.label, reason=r.reason)
+            for p, r in zip(props, res.regions, strict=True)]
