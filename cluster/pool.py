@@ -1,0 +1,99 @@
+"""A scalable pool of same-kind actors: least-in-flight dispatch, scale up, and scale down by draining
+(a removed actor takes no new work; it is killed once its in-flight calls have finished)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+log = logging.getLogger("srum.pool")
+
+
+@dataclass
+class Member:
+    actor_id: str
+    handle: Any
+    in_flight: int = 0
+    draining: bool = False
+    calls: int = 0
+    failures: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class ActorPool:
+    """Owns the actors of one role. `factory(actor_id)` creates one remote actor (resources, restarts set by
+    the caller); `scale_to(n)` grows or drains; `pick()` gives the active member with the fewest calls in
+    flight, or None when every active member is at `max_in_flight_per_actor`."""
+
+    def __init__(self, role: str, factory: Callable[[str], Any], max_in_flight_per_actor: int = 2):
+        self.role = role
+        self.factory = factory
+        self.max_in_flight_per_actor = max_in_flight_per_actor
+        self.members: dict[str, Member] = {}
+        self._next_index = 0
+
+    @property
+    def active(self) -> list[Member]:
+        return [m for m in self.members.values() if not m.draining]
+
+    def size(self) -> int:
+        return len(self.active)
+
+    def scale_to(self, n: int) -> tuple[int, int]:
+        """Grow to or drain down to n active actors. Returns (added, draining)."""
+        if n < 0:
+            raise ValueError(f"{self.role}: cannot scale to {n} actors")
+        added = draining = 0
+        while self.size() < n:
+            actor_id = f"{self.role}-{self._next_index}"
+            self._next_index += 1
+            self.members[actor_id] = Member(actor_id, self.factory(actor_id))
+            added += 1
+        # drain the newest first: the oldest have warm caches and the longest history
+        for member in sorted(self.active, key=lambda m: int(m.actor_id.rsplit("-", 1)[1]), reverse=True):
+            if self.size() <= n:
+                break
+            member.draining = True
+            draining += 1
+        if added or draining:
+            log.info("%s pool: +%d, draining %d, active %d", self.role, added, draining, self.size())
+        self.reap()
+        return added, draining
+
+    def pick(self) -> Member | None:
+        candidates = [m for m in self.active if m.in_flight < self.max_in_flight_per_actor]
+        return min(candidates, key=lambda m: (m.in_flight, m.calls), default=None)
+
+    def started(self, member: Member) -> None:
+        member.in_flight += 1
+        member.calls += 1
+
+    def finished(self, actor_id: str, failed: bool = False) -> None:
+        member = self.members.get(actor_id)
+        if member is None:
+            return
+        member.in_flight = max(0, member.in_flight - 1)
+        member.failures += int(failed)
+        self.reap()
+
+    def reap(self) -> list[str]:
+        """Kill drained members whose in-flight work has finished."""
+        done = [m for m in self.members.values() if m.draining and m.in_flight == 0]
+        for member in done:
+            try:
+                ray.get(member.handle.stop.remote(), timeout=30)
+            except Exception as exc:  # a dead actor cannot say goodbye: that is fine here
+                log.debug("%s stop(): %s", member.actor_id, exc)
+            ray.kill(member.handle, no_restart=True)
+            del self.members[member.actor_id]
+        return [m.actor_id for m in done]
+
+    def shutdown(self) -> None:
+        for member in self.members.values():
+            member.draining = True
+            member.in_flight = 0
+        self.reap()

@@ -1,0 +1,147 @@
+"""The driver's small parts without a cluster: prompt cycling, progress line, metrics.jsonl, plots, the
+gallery, the entrypoint's exit codes and the CLI's config commands; and the judge-server launcher
+against a real subprocess on loopback."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cluster import cli
+from cluster import main as entry
+from cluster.progress import (
+    Gallery,
+    ProgressReporter,
+    draw_boxes,
+    format_progress,
+    plot_metrics,
+    read_metrics,
+)
+from cluster.prompt_sets import PromptRecord
+
+
+def records(n: int) -> list[PromptRecord]:
+    return [PromptRecord(id=str(i), text=f"prompt {i}") for i in range(n)]
+
+
+def test_prompt_cycler_covers_every_prompt_each_epoch_with_unique_seeds():
+    from cluster.driver import PromptCycler
+
+    cyc = PromptCycler(records(5), seed=3)
+    first, seeds1 = cyc.take(5)
+    second, seeds2 = cyc.take(5)
+    assert sorted(p.id for p in first) == sorted(p.id for p in second) == [str(i) for i in range(5)]
+    assert len(set(seeds1 + seeds2)) == 10  # a new seed for every image
+    again = PromptCycler(records(5), seed=3)
+    assert [p.id for p in again.take(5)[0]] == [p.id for p in first]  # deterministic per seed
+    odd, _ = PromptCycler(records(3), seed=0, shuffle=False).take(7)
+    assert [p.id for p in odd] == ["0", "1", "2", "0", "1", "2", "0"]
+
+
+def test_progress_line_and_metrics_jsonl(tmp_path):
+    line = format_progress({"step": 3, "max_steps": 10, "images_per_s": 2.5, "trained_per_s": 1.25,
+                            "mean_global_score": -0.5, "loss": 0.1234, "buffer_size": 7, "policy_version": 3,
+                            "max_lag": 1, "judge_failed": 2, "num_samplers": 2, "num_scorers": 1})
+    assert "step 3/10" in line and "img/s 2.50" in line and "g -0.50" in line and "lag 1" in line
+    assert "judge fail 2" in line and "samplers 2 scorers 1" in line
+    assert "g -" in format_progress({"step": 0, "mean_global_score": None})
+
+    out = io.StringIO()
+    rep = ProgressReporter(tmp_path, stream=out, min_interval_s=0.0)
+    rep.show({"step": 1, "max_steps": 2})
+    rep.log({"kind": "train", "step": 1, "loss": 0.5})
+    rep.log({"kind": "train", "step": 2, "loss": 0.25, "l_r": 0.1, "mean_global_score": 0.3, "mean_alpha": 0.6})
+    with rep.metrics_path.open("a") as f:
+        f.write('{"kind": "train", "step": 3, "lo')  # a torn last line (crash mid-write) is skipped
+    assert "step 1/2" in out.getvalue()
+    rows = read_metrics(rep.metrics_path)
+    assert [r["step"] for r in rows] == [1, 2] and all("time" in r for r in rows)
+    png = plot_metrics(rep.metrics_path, tmp_path / "curves.png")
+    assert png is not None and png.stat().st_size > 1000
+    (tmp_path / "empty.jsonl").write_text("")
+    assert plot_metrics(tmp_path / "empty.jsonl", tmp_path / "none.png") is None
+
+
+def test_gallery_draws_boxes_and_heatmap(tmp_path):
+    img = np.zeros((64, 64, 3), dtype=np.uint8)
+    regions = [{"box": [8, 8, 32, 32], "score": 0.8, "label": "cube", "reason": "good <b>"},
+               {"box": [40, 40, 60, 60], "score": -0.6, "label": "ball", "reason": "bad"},
+               {"box": [float("nan"), 0, 1, 1], "score": 0.1}]
+    boxed = np.asarray(draw_boxes(img, regions))
+    assert boxed.shape == (256, 256, 3)  # small images are enlarged for viewing
+    assert (boxed[32, 40:120] == (0, 170, 0)).all()  # positive box: green top edge at y = 8 * 4
+    assert (boxed[160, 170:230] == (220, 0, 0)).all()  # negative box: red top edge at y = 40 * 4
+    gal = Gallery(tmp_path, keep=2)
+    R = np.full((64, 64), 0.5, dtype=np.float32)
+    for i in range(3):
+        gal.add(img, {"prompt": f"p{i} & <x>", "policy_version": i, "global_score": 0.5, "alpha": 0.75,
+                      "regions": regions, "drop": i == 2, "drop_reason": "global_score_zero"}, R)
+    html = gal.write().read_text()
+    assert html.count("class='c'") == 2 and "p0" not in html  # keeps the most recent
+    assert "p2 &amp; &lt;x&gt;" in html and "dropped" in html and "good &lt;b&gt;" in html
+    assert html.count("data:image/png;base64,") == 4  # boxes + heat-map per card
+
+
+def test_entrypoint_exit_codes_on_bad_config_and_prompts(tmp_path, capsys):
+    assert entry.main(["learner.lambda_c=-1"]) == 2
+    assert "learner.lambda_c" in capsys.readouterr().err
+    assert entry.main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# only a comment\n")
+    assert entry.main([f"cluster.prompts.path={empty}", f"run.output_dir={tmp_path}"]) == 2
+    assert "empty.txt" in capsys.readouterr().err
+
+
+def test_cli_config_list_and_resolve(capsys):
+    assert cli.main(["config", "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "learner.lambda_c" in listing and "cluster.num_samplers" in listing
+    assert cli.main(["config", "-c", "configs/default.yaml", "learner.lambda_c=0.25"]) == 0
+    assert "lambda_c: 0.25" in capsys.readouterr().out
+    assert cli.main(["config", "learner.nope=1"]) == 2
+    assert "learner.nope" in capsys.readouterr().err
+    assert cli.main(["scale"]) == 2  # neither --samplers nor --scorers
+
+
+SERVER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_judge_server_launcher_starts_waits_restarts_and_stops(tmp_path):
+    from actors.judge_server import JudgeServerError, JudgeServerLauncher
+    from tests.ray_cluster import free_port
+
+    port = free_port()
+    launcher = JudgeServerLauncher([sys.executable, "-c", SERVER, str(port)], port=port, host="127.0.0.1",
+                                   ready_timeout_s=30, monitor_interval_s=0.2, log_path=str(tmp_path / "srv.log"))
+    try:
+        assert launcher.start() == f"http://127.0.0.1:{port}/v1"
+        assert launcher.health()
+        first = launcher.proc.pid
+        os.killpg(first, signal.SIGKILL)  # the server dies: the monitor restarts it
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (launcher.restarts == 1 and launcher.health()):
+            time.sleep(0.1)
+        assert launcher.restarts == 1 and launcher.health() and launcher.proc.pid != first
+    finally:
+        info = launcher.stop()
+    assert info["alive"] is False and not launcher.health()
+
+    bad = JudgeServerLauncher([sys.executable, "-c", "import sys; sys.exit(3)"], port=free_port(),
+                              host="127.0.0.1", ready_timeout_s=10)
+    with pytest.raises(JudgeServerError, match="exited with code 3"):
+        bad.start()
+    cmd = JudgeServerLauncher.vllm_command("m", 8000, "judge")
+    assert cmd[:3] == ["vllm", "serve", "m"] and cmd[cmd.index("--served-model-name") + 1] == "judge"
