@@ -123,6 +123,16 @@ class LearnerHost:
         m.set(M.REWARD_MEAN_R, stats["mean_R"], tags)
         m.set(M.POLICY_VERSION, self.policy.version)
 
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out accuracy of the current weights by the world's independent evaluator (shapes world)."""
+        from shapes.pretrain import heldout_accuracy
+
+        t0 = time.perf_counter()
+        acc = heldout_accuracy(self.policy, seeds_per_prompt=self.cfg.run.eval_seeds,
+                               split_seed=self.cfg.policy.shapes_split_seed)
+        return {"step": self.learner.step, "policy_version": self.policy.version, **acc,
+                "eval_seconds": time.perf_counter() - t0}
+
     def checkpoint(self) -> str:
         path = save_checkpoint(self.ckpt_dir, self.learner)
         return str(path)

@@ -126,8 +126,7 @@ def main(argv: list[str] | None = None) -> float:
     print(f"steps={args.steps} warmup={args.warmup} (interleaved, medians)")
     print(f"learner.train_step: median {med_l * 1e3:.2f} ms  (min {min(t_learner) * 1e3:.2f})")
     print(f"bare torch loop:    median {med_b * 1e3:.2f} ms  (min {min(t_bare) * 1e3:.2f})")
-    print(f"RESULT learner_step_ms {med_l * 1e3:.3f}")
-    print(f"RESULT bare_step_ms {med_b * 1e3:.3f}")
+    print(f"learner_step_ms {med_l * 1e3:.3f}  bare_step_ms {med_b * 1e3:.3f}")
     print(f"RESULT learner_step_ratio {ratio:.3f} target={TARGET:.2f} ok={'true' if ratio <= TARGET else 'false'}")
     return ratio
 

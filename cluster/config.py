@@ -71,10 +71,12 @@ class RunConfig(_Section):
     max_steps: int = Field(200, ge=1, description="Budget: stop after this many learner steps.")
     max_seconds: float | None = Field(None, gt=0, description="Budget: stop after this many wall-clock seconds (null = no limit).")
     log_every: int = Field(10, ge=1, description="Print progress and write metrics every N learner steps.")
+    eval_every: int = Field(0, ge=0, description="Held-out evaluation every N learner steps, plus at start and end (0 = off; shapes world only).")
+    eval_seeds: int = Field(2, ge=1, description="Images per held-out prompt in each evaluation.")
 
 
 class PolicyConfig(_Section):
-    kind: Literal["sd3", "flux"] = Field("sd3", description="Generation module family (diffusers rectified-flow pipeline).")
+    kind: Literal["sd3", "flux", "shapes"] = Field("sd3", description="Generation module: a diffusers rectified-flow pipeline (sd3, flux) or the shapes world's pixel-space base model.")
     pretrained: str | None = Field(None, description="Hub id or local dir loaded with from_pretrained; wins over `tiny` when set.")
     tiny: bool = Field(True, description="Build a tiny random pipeline from configs when `pretrained` is null.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weight dtype of the pipeline.")
@@ -90,6 +92,11 @@ class PolicyConfig(_Section):
     num_inference_steps: int = Field(8, ge=1, le=1000, description="Sampler denoising steps per image.")
     guidance_scale: float = Field(4.5, ge=0, description="Classifier-free guidance scale for sampling (<=1 disables CFG).")
     max_sequence_length: int = Field(77, ge=1, le=512, description="Max T5 prompt tokens.")
+    sample_shift: float = Field(3.0, gt=0, description="shapes: timestep shift of the sampler's Euler schedule.")
+    pretrain_steps: int = Field(900, ge=0, description="shapes: steps of in-run base pretraining (cached on disk).")
+    pretrain_seed: int = Field(0, ge=0, description="shapes: seed of base pretraining.")
+    pretrain_cache_dir: str | None = Field(None, description="shapes: cache dir of pretrained bases (null = $SRUM_CACHE or ~/.cache/srum).")
+    shapes_split_seed: int = Field(0, ge=0, description="shapes: seed of the world's train/held-out prompt split.")
 
     @field_validator("height", "width")
     @classmethod
@@ -102,13 +109,15 @@ class PolicyConfig(_Section):
     def _check(self) -> PolicyConfig:
         if self.pretrained is None and not self.tiny:
             raise ValueError("no model to build: set pretrained (hub id or local dir) or tiny=true")
+        if self.kind == "shapes" and (self.height, self.width) != (32, 32):
+            raise ValueError(f"kind='shapes' draws 32x32 images: set height=32 and width=32 (got {self.height}x{self.width})")
         if self.lora_rank > 0 and not self.lora_target_modules:
             raise ValueError("lora_target_modules must not be empty when lora_rank > 0")
         return self
 
 
 class JudgeConfig(_Section):
-    backend: Literal["transformers", "openai"] = Field("transformers", description="'openai' = OpenAI-compatible server (vLLM); 'transformers' = in-process model.")
+    backend: Literal["transformers", "openai", "shapes"] = Field("transformers", description="'openai' = OpenAI-compatible server (vLLM); 'transformers' = in-process model; 'shapes' = the shapes world's learned judge.")
     mode: Literal["text", "structured", "logprob"] = Field("logprob", description="How scores are read: parsed text, JSON-schema output, or score-token logprobs.")
     endpoints: list[str] = Field(
         default_factory=lambda: ["http://127.0.0.1:8000/v1"],
@@ -146,13 +155,13 @@ class JudgeConfig(_Section):
                 raise ValueError("backend='openai' needs at least one endpoint in endpoints")
             if self.pretrained is not None:
                 raise ValueError("pretrained applies to backend='transformers' only; the server's model is `model`")
-        elif self.pretrained is None and not self.tiny:
+        elif self.backend == "transformers" and self.pretrained is None and not self.tiny:
             raise ValueError("backend='transformers' has no model: set pretrained or tiny=true")
         return self
 
 
 class RegionsConfig(_Section):
-    proposer: Literal["sam", "grounding", "none"] = Field("sam", description="Region proposals: SAM automatic masks, VLM grounding, or none.")
+    proposer: Literal["sam", "grounding", "none", "components"] = Field("sam", description="Region proposals: SAM automatic masks, VLM grounding, connected components (shapes world), or none.")
     sam_model_type: Literal["vit_h", "vit_l", "vit_b", "tiny"] = Field("tiny", description="SAM architecture ('tiny' = small random model for tests).")
     sam_checkpoint: str | None = Field(None, description="Path to SAM weights (null = random init; real runs need one).")
     points_per_side: int = Field(8, ge=1, le=128, description="SAM automatic mask generator grid density.")
@@ -248,6 +257,8 @@ class SRUMConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> SRUMConfig:
+        if self.run.eval_every and self.policy.kind != "shapes":
+            raise ValueError("run.eval_every needs an evaluator: only policy.kind='shapes' has one (set it to 0)")
         if self.cluster.buffer_capacity < self.learner.batch_size:
             raise ValueError(
                 f"cluster.buffer_capacity ({self.cluster.buffer_capacity}) must be >= "

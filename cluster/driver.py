@@ -71,7 +71,8 @@ def connect_ray(cfg: SRUMConfig) -> None:
     kwargs: dict[str, Any] = {}
     if cfg.cluster.metrics_port is not None:
         kwargs["_metrics_export_port"] = cfg.cluster.metrics_port
-    ray.init(namespace=NAMESPACE, runtime_env=env, include_dashboard=True, dashboard_host="127.0.0.1",
+    # address="local": always a new local Ray (a bare ray.init() would join whatever `ray start` left behind)
+    ray.init(address="local", namespace=NAMESPACE, runtime_env=env, include_dashboard=True, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", configure_logging=False, **kwargs)
 
 
@@ -99,6 +100,11 @@ class Driver:
     # ------------------------------------------------------------------ set-up
     def start(self) -> None:
         cfg = self.cfg
+        if cfg.policy.kind == "shapes":  # pretrain (or find) the cached base once here, not in every actor
+            from shapes.pretrain import pretrain_base, settings_from_config
+
+            print("srum: shapes world: preparing the pretrained base model (cached after the first run)", flush=True)
+            pretrain_base(*settings_from_config(cfg.policy))
         connect_ray(cfg)
         self.metrics = M.Metrics()
         self.controller = get_or_create_controller(NAMESPACE, samplers=cfg.cluster.num_samplers,
@@ -113,6 +119,9 @@ class Driver:
         ).remote(cfg, str(self.run_dir), self.buffer, self.store)
         self.step = ray.get(self.learner.ping.remote())  # waits for the build (and a resume, if any)
         self.start_step = self.step
+        self.last_eval_step: int | None = None
+        if cfg.run.eval_every:
+            self._on_eval_result(ray.get(self.learner.evaluate.remote()))  # the starting point
         restarts = cfg.cluster.max_restarts
         sres, cres = cfg.cluster.sampler_resources, cfg.cluster.scorer_resources
         # named (srum-<run>-<role>-<i>) so operators and tests can find a given actor
@@ -203,7 +212,12 @@ class Driver:
             self.pending[refs[0]] = ("score", member.actor_id, (refs[1:], n))
 
     def _submit_learner(self) -> None:
-        if any(kind == "learn" for kind, _, _ in self.pending.values()):
+        if any(kind in ("learn", "eval") for kind, _, _ in self.pending.values()):
+            return
+        every = self.cfg.run.eval_every
+        if every and self.step // every > (self.last_eval_step or 0) // every:
+            self.last_eval_step = self.step
+            self.pending[self.learner.evaluate.remote()] = ("eval", "learner", None)
             return
         remaining = self.cfg.run.max_steps - self.step
         if remaining > 0 and self.stop_reason is None:
@@ -269,6 +283,21 @@ class Driver:
             self.last_train = stats
             self.reporter.log({"kind": "train", **stats})
 
+    def _on_eval(self, ref: Any, actor_id: str, _payload: Any) -> None:
+        try:
+            self._on_eval_result(ray.get(ref))
+        except ray.exceptions.RayError as exc:
+            log.warning("held-out evaluation failed (%s)", type(exc).__name__)
+
+    def _on_eval_result(self, result: dict[str, Any]) -> None:
+        self.last_eval_step = result["step"]
+        self.last_eval = result
+        self.reporter.log({"kind": "eval", **result})
+        cats = ", ".join(f"{k} {100 * v:.0f}%" for k, v in result.items()
+                         if k not in ("overall", "n", "step", "policy_version", "eval_seconds"))
+        print(f"\nsrum: held-out accuracy at step {result['step']}: {100 * result['overall']:.1f}% ({cats})",
+              flush=True)
+
     # ------------------------------------------------------------------ reporting and shutdown
     def status(self) -> dict[str, Any]:
         elapsed = max(1e-6, time.monotonic() - self.t_start)
@@ -285,6 +314,7 @@ class Driver:
             "judge": self.judge_counters, "judge_failed": judge_failed,
             "num_samplers": self.samplers.size(), "num_scorers": self.scorers.size(),
             "counts": dict(self.counts), "stop_reason": self.stop_reason,
+            "heldout": getattr(self, "last_eval", None),
         }
 
     def _report(self, force: bool = False) -> None:
@@ -323,6 +353,8 @@ class Driver:
             return {"stop_reason": self.stop_reason, "step": self.step}
         log.info("stopping (%s): draining in-flight work", self.stop_reason)
         self._drain()
+        if self.cfg.run.eval_every and self.last_eval_step != self.step:
+            self._on_eval_result(ray.get(self.learner.evaluate.remote()))
         final = ray.get(self.learner.stop.remote())
         self.step = final["step"]
         status = self.status()

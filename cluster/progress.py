@@ -110,11 +110,19 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in read_metrics(metrics_path) if r.get("kind") == "train"]
+    records = read_metrics(metrics_path)
+    rows = [r for r in records if r.get("kind") == "train"]
     if not rows:
         return None
-    fig, axes = plt.subplots(1, len(PLOT_KEYS), figsize=(4 * len(PLOT_KEYS), 3.2))
-    for ax, (key, title) in zip(axes, PLOT_KEYS, strict=True):
+    evals = [r for r in records if r.get("kind") == "eval"]
+    keys = [*PLOT_KEYS, ("overall", "held-out accuracy")] if evals else list(PLOT_KEYS)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    for ax, (key, title) in zip(axes, keys, strict=True):
+        if key == "overall":
+            ax.plot([r["step"] for r in evals], [100 * r["overall"] for r in evals], "o-", lw=2)
+            ax.set_title(title + " (%)")
+            ax.set_xlabel("learner step")
+            continue
         pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
         if pts:
             steps, values = zip(*pts, strict=True)

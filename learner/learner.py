@@ -41,7 +41,8 @@ from learner.policy import Policy
 # Fields whose change alters the optimisation; resuming across a change of one of these is an error
 # unless explicitly allowed (other config differences only warn).
 TRAINING_FIELDS = {
-    "policy": ("kind", "pretrained", "tiny", "dtype", "lora_rank", "lora_alpha", "lora_target_modules"),
+    "policy": ("kind", "pretrained", "tiny", "dtype", "lora_rank", "lora_alpha", "lora_target_modules",
+               "pretrain_steps", "pretrain_seed", "shapes_split_seed"),
     "learner": ("lr", "betas", "eps", "weight_decay", "warmup_steps", "grad_clip", "lambda_c",
                 "weight_floor", "timestep_shift", "logit_mean", "logit_std", "ema_decay", "mixed_precision"),
 }

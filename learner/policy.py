@@ -162,7 +162,12 @@ class Policy:
     def from_config(cls, cfg: Any, seed: int = 0, **kwargs: Any) -> Policy:
         """Build from a ``PolicyConfig``: ``pretrained`` -> ``from_pretrained``; else tiny random.
 
-        ``seed`` fixes the tiny model's weights and the LoRA initialisation."""
+        ``seed`` fixes the tiny model's weights and the LoRA initialisation. ``kind="shapes"`` gives the
+        shapes world's :class:`shapes.policy.ShapesPolicy` (same interface)."""
+        if cfg.kind == "shapes":
+            from shapes.policy import ShapesPolicy
+
+            return ShapesPolicy.from_config(cfg, seed=seed, **kwargs)
         dtype = DTYPES[cfg.dtype]
         if cfg.pretrained:
             pipe = load_pipeline(cfg.kind, cfg.pretrained, dtype)

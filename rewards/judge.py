@@ -454,4 +454,8 @@ def make_judge(cfg: Any) -> BaseJudge:
         from rewards.judge_hf import TransformersJudge
 
         return TransformersJudge(cfg)
-    raise ValueError(f"judge.backend={cfg.backend!r}: allowed 'openai', 'transformers'")
+    if cfg.backend == "shapes":  # the learned understanding module of the shapes world
+        from shapes.judge import ShapesJudge
+
+        return ShapesJudge(cfg)
+    raise ValueError(f"judge.backend={cfg.backend!r}: allowed 'openai', 'transformers', 'shapes'")

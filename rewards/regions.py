@@ -229,7 +229,11 @@ def make_proposer(cfg: Any, judge: Any = None) -> RegionProposer:
         return GroundingProposer(cfg, judge)
     if cfg.proposer == "none":
         return NoneProposer(cfg)
-    raise ValueError(f"regions.proposer={cfg.proposer!r}: allowed 'sam', 'grounding', 'none'")
+    if cfg.proposer == "components":  # connected components (the shapes world)
+        from shapes.judge import ComponentsProposer
+
+        return ComponentsProposer(cfg)
+    raise ValueError(f"regions.proposer={cfg.proposer!r}: allowed 'sam', 'grounding', 'none', 'components'")
 
 
 # ----- keyword filter ----------------------------------------------------------------------------

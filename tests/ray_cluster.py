@@ -7,6 +7,7 @@ stats off; `ray stop` at the end. Jobs are submitted through the dashboard's job
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,3 +97,25 @@ def stop_ray_head(head: RayHead) -> None:
             head.proc.wait(timeout=wait)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             continue
+
+
+@contextlib.contextmanager
+def local_ray(namespace: str, pickle_by_value: str | None = None) -> Iterator:
+    """An in-process local Ray (2 CPUs, no dashboard) on loopback for one test module; yields `ray`.
+
+    `pickle_by_value`: a test module whose classes workers get by value (they need not import tests/)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind every Ray port to 127.0.0.1
+    import ray
+    import ray.cloudpickle
+
+    if pickle_by_value:
+        ray.cloudpickle.register_pickle_by_value(sys.modules[pickle_by_value])
+    started = not ray.is_initialized()
+    if started:
+        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before the env var
+        ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=namespace, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()

@@ -3,9 +3,7 @@ and (with a local Ray) that only object references travel through the buffer act
 
 from __future__ import annotations
 
-import os
 import random
-import sys
 import time
 from collections import Counter
 
@@ -15,6 +13,7 @@ import torch
 
 from cluster.buffer import AccountingError, ReplayBuffer, resolve_entries
 from cluster.records import BufferEntry, SampleMeta, TrainSample, make_entry
+from tests.ray_cluster import local_ray
 
 
 def meta(i: int, version: int = 0, **kw) -> SampleMeta:
@@ -201,19 +200,8 @@ def test_bad_arguments_give_clear_errors():
 # ---------------------------------------------------------------------------------------------- with Ray
 @pytest.fixture(scope="module")
 def ray_local():
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind every Ray port to 127.0.0.1
-    import ray
-    import ray.cloudpickle
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import tests/
-    started = not ray.is_initialized()
-    if started:
-        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before the env var
-        ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="srum-test-buffer",
-                 log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
+    with local_ray("srum-test-buffer", __name__) as ray:
+        yield ray
 
 
 def test_remote_buffer_moves_refs_not_tensors(ray_local):

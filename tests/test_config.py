@@ -288,9 +288,12 @@ def test_every_example_config_validates():
 
 
 def test_example_configs_contents():
-    cpu = load_config(REPO / "configs" / "default.yaml")
+    cpu = load_config(REPO / "configs" / "tiny_sd3.yaml")
     assert cpu.policy.tiny and cpu.policy.device == "cpu" and cpu.learner.timestep_shift == 1.0
     assert (REPO / cpu.cluster.prompts.path).is_file()
+    shapes = load_config(REPO / "configs" / "default.yaml")  # the embedded default: the shapes world
+    assert (shapes.policy.kind, shapes.judge.backend, shapes.regions.proposer) == ("shapes", "shapes", "components")
+    assert (REPO / shapes.cluster.prompts.path).is_file()
     gpu = load_config(REPO / "configs" / "sd35_medium_vllm.yaml")
     assert gpu.judge.backend == "openai" and gpu.regions.sam_model_type == "vit_h"
     assert gpu.learner == C.LearnerConfig(mixed_precision="bf16")  # the paper recipe
@@ -332,7 +335,7 @@ def test_describe_config_lists_every_leaf_field():
     per_section: dict[str, int] = {}
     for key in docs:
         per_section[key.split(".")[0]] = per_section.get(key.split(".")[0], 0) + 1
-    assert per_section == {"run": 6, "policy": 13, "judge": 14, "regions": 10, "reward": 8, "learner": 16,
+    assert per_section == {"run": 8, "policy": 18, "judge": 14, "regions": 10, "reward": 8, "learner": 16,
                            "cluster": 10 + 3 * 2 + 5}
     for key in docs:
         parsed, errors = C.parse_overrides([f"{key}=null"])

@@ -19,6 +19,7 @@ from cluster.control import (
     get_or_create_controller,
     validate_counts,
 )
+from tests.ray_cluster import local_ray
 
 
 def _ray_is_up() -> bool:
@@ -160,18 +161,9 @@ def test_find_controller_refuses_a_dashboard_url():
 # ---------------------------------------------------------------------------------------------- with Ray
 @pytest.fixture(scope="module")
 def ray_local():
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind every Ray port to 127.0.0.1
     os.environ.setdefault("RAY_metrics_report_interval_ms", "500")  # export custom metrics quickly
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before the env var
-        ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="srum-test-control",
-                 log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
+    with local_ray("srum-test-control", None) as ray:
+        yield ray
 
 
 def test_controller_actor_round_trip(ray_local):

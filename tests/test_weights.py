@@ -3,8 +3,6 @@ the object-store path, a dead owner and a dead store."""
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 import numpy as np
@@ -20,6 +18,7 @@ from cluster.weights import (
     state_nbytes,
     to_cpu_state,
 )
+from tests.ray_cluster import local_ray
 
 
 class CountingStore(WeightStore):
@@ -116,19 +115,8 @@ def test_load_errors_propagate():
 # ---------------------------------------------------------------------------------------------- with Ray
 @pytest.fixture(scope="module")
 def ray_local():
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind every Ray port to 127.0.0.1
-    import ray
-    import ray.cloudpickle
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import tests/
-    started = not ray.is_initialized()
-    if started:
-        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before the env var
-        ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="srum-test-weights",
-                 log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
+    with local_ray("srum-test-weights", __name__) as ray:
+        yield ray
 
 
 def test_publish_through_the_object_store_and_sync_two_samplers(ray_local):

@@ -1,0 +1,173 @@
+"""Does self-rewarding help? SRUM and the paper's ablations on the shapes world, on CPU.
+
+Every arm starts from the same pretrained base, gets the same sample budget (on-policy: each learner step
+trains on a fresh batch sampled with the current weights), the same prompts and the same seeds; it is
+then scored on the held-out prompts by the independent geometric evaluator (`shapes/evaluator.py`).
+
+Arms: base (no training); self_sft (its own samples, uniform weight); srum (official reward map);
+srum_signed (signed map); sample_level; binarized; no_constraint (lambda_c = 0); no_global.
+
+    python bench/learning.py                  # 3 seeds, the full budget (~15-25 min on 2 cores)
+    python bench/learning.py --seeds 1 --steps 10 --eval-seeds 1   # a quick look
+
+The in-process loop uses the same library pieces as the online service (policy, judge, regions, scorer,
+reward map, learner); only the Ray plumbing is left out so that 24 runs fit in minutes.
+Ends with `RESULT` lines (targets from the issue: SRUM >= base + 10 points; SRUM > self-SFT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import random
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cluster.config import SRUMConfig, load_config  # noqa: E402
+from cluster.prompt_sets import load_prompts  # noqa: E402
+from learner.learner import Learner  # noqa: E402
+from learner.policy import Policy  # noqa: E402
+from rewards.judge import make_judge  # noqa: E402
+from rewards.regions import make_proposer  # noqa: E402
+from rewards.scorer import SampleScorer  # noqa: E402
+from shapes import evaluator  # noqa: E402
+from shapes.world import parse_prompt  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "default.yaml"
+
+ARMS: dict[str, list[str]] = {
+    "base": [],
+    "self_sft": [],
+    "srum": [],
+    "srum_signed": ["reward.semantics=signed"],
+    "sample_level": ["reward.granularity=sample"],
+    "binarized": ["reward.binarize=true"],
+    "no_constraint": ["learner.lambda_c=0.0"],
+    "no_global": ["reward.use_global=false"],
+}
+
+
+def arm_config(arm: str, seed: int, extra: list[str]) -> SRUMConfig:
+    return load_config(CONFIG, [f"run.seed={seed}", *ARMS[arm], *extra])
+
+
+def evaluate(policy, prompts: list[str], eval_seeds: int, seed: int) -> dict[str, float]:
+    """Held-out accuracy: every held-out prompt drawn with `eval_seeds` seeds (the same for every arm)."""
+    images, specs = [], []
+    for k in range(eval_seeds):
+        for i in range(0, len(prompts), 16):
+            chunk = prompts[i : i + 16]
+            seeds = [10_000_000 + 1000 * seed + 100 * k + j for j in range(i, i + len(chunk))]
+            batch = policy.sample(chunk, seeds)
+            images += list(batch.images.numpy())
+            specs += [parse_prompt(p) for p in chunk]
+    return evaluator.accuracy(images, specs)
+
+
+def train_arm(arm: str, cfg: SRUMConfig, policy, train_prompts: list[str], steps: int) -> dict[str, float]:
+    """`steps` on-policy learner steps of `learner.batch_size` fresh samples each."""
+    learner = Learner(cfg, policy)
+    scorer = None
+    if arm != "self_sft":
+        judge = make_judge(cfg.judge)
+        scorer = SampleScorer(judge, make_proposer(cfg.regions, judge=judge), cfg.reward)
+    rng = random.Random(cfg.run.seed)
+    n, dropped, g_sum, counted = cfg.learner.batch_size, 0, 0.0, 0
+    for step in range(steps):
+        prompts = [rng.choice(train_prompts) for _ in range(n)]
+        seeds = [cfg.run.seed * 1_000_003 + step * n + j for j in range(n)]
+        batch = policy.sample(prompts, seeds)
+        h, w = batch.x0.shape[-2:]
+        if scorer is None:  # self-SFT: its own samples, uniform weight
+            R, alpha, keep = torch.ones(n, h, w), torch.ones(n), list(range(n))
+        else:
+            scored = asyncio.run(scorer.score_many(list(batch.images.numpy()), prompts, (h, w)))
+            keep = [i for i, s in enumerate(scored) if not (s.drop or s.failed)]
+            dropped += n - len(keep)
+            for s in scored:
+                if s.global_score is not None:
+                    g_sum, counted = g_sum + s.global_score, counted + 1
+            if not keep:
+                continue
+            R = torch.stack([scored[i].R_latent for i in keep])
+            alpha = torch.tensor([scored[i].alpha for i in keep], dtype=torch.float32)
+        learner.train_step({"prompts": [prompts[i] for i in keep], "x0": batch.x0[keep], "R": R, "alpha": alpha})
+    return {"dropped": dropped, "mean_global_score": g_sum / counted if counted else float("nan"),
+            "steps": learner.step}
+
+
+def run_one(arm: str, seed: int, steps: int, eval_seeds: int, overrides: list[str]) -> dict:
+    """One (arm, seed) run in its own process (one torch thread: the runs share the machine's cores)."""
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    cfg = arm_config(arm, seed, overrides)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    policy = Policy.from_config(cfg.policy, seed=0)  # the same base for every arm and seed
+    train = [p.text for p in load_prompts(REPO / "configs" / "prompts" / "shapes_train.txt")]
+    heldout = [p.text for p in load_prompts(REPO / "configs" / "prompts" / "shapes_heldout.txt")]
+    info = train_arm(arm, cfg, policy, train, steps) if arm != "base" else {}
+    acc = evaluate(policy, heldout, eval_seeds, seed)
+    return {"arm": arm, "seed": seed, **acc, **info, "seconds": time.perf_counter() - t0}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=60, help="learner steps per arm (sample budget = steps x batch)")
+    ap.add_argument("--eval-seeds", type=int, default=3, help="images per held-out prompt")
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--out", default=str(REPO / "runs" / "learning.json"))
+    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
+    ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every arm")
+    args = ap.parse_args()
+    cfg0 = load_config(CONFIG, args.overrides)
+    from shapes.pretrain import pretrain_base, settings_from_config
+
+    pretrain_base(*settings_from_config(cfg0.policy))  # once, before the workers start
+    print(f"shapes world: {args.seeds} seeds x {args.steps} steps x batch {cfg0.learner.batch_size} per arm; "
+          f"eval {args.eval_seeds} images per held-out prompt; {args.jobs} runs at a time", flush=True)
+    jobs = [(arm, seed) for seed in range(args.seeds) for arm in args.arms.split(",")]
+    results: dict[str, list[dict]] = {}
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(run_one, arm, seed, args.steps, args.eval_seeds, args.overrides) for arm, seed in jobs]
+        for fut in as_completed(futures):
+            r = fut.result()
+            results.setdefault(r["arm"], []).append(r)
+            cats = ", ".join(f"{k} {100 * v:.0f}" for k, v in r.items() if k in ("single", "counting",
+                                                                                  "color_binding", "spatial"))
+            print(f"{r['arm']:14s} seed {r['seed']}: held-out acc {100 * r['overall']:.1f}%  ({cats})  "
+                  f"{r['seconds']:.0f} s", flush=True)
+    results = {arm: sorted(results[arm], key=lambda r: r["seed"]) for arm in args.arms.split(",") if arm in results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+
+    def mean_std(arm: str) -> tuple[float, float]:
+        xs = [100 * r["overall"] for r in results.get(arm, [])]
+        return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (float("nan"), 0.0)
+
+    print("\narm             held-out accuracy (mean ± std over seeds)")
+    for arm in results:
+        m, s = mean_std(arm)
+        print(f"{arm:14s}  {m:5.1f} ± {s:4.1f}")
+    base, srum, sft = mean_std("base")[0], mean_std("srum")[0], mean_std("self_sft")[0]
+    gain = srum - base
+    print(f"RESULT srum_gain_over_base_points {gain:.1f} target=10 ok={str(gain >= 10).lower()}")
+    print(f"RESULT srum_minus_self_sft_points {srum - sft:.1f} target=0 ok={str(srum > sft).lower()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
