@@ -1,4 +1,4 @@
-"""Helpers for ``bench/pipeline.py``: the loopback judge server, steady-state rate maths, stage feeders.
+"""Helpers for ``bench/pipeline.py``: the loopback judge server, steady-state rate maths, CPU accounting.
 
 * :class:`JudgeServerProcess` runs the tests' fake OpenAI-compatible server
   (``tests/judge_fake_server.py``, reused unchanged) in a *subprocess* on 127.0.0.1 with a fixed

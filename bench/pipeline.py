@@ -28,7 +28,13 @@ Shared machine: every measured window also records the CPU used by processes out
 used more than ``--contention-limit`` cores is measured again (``--tries``); a figure that is still
 contended is printed with ``ok=false`` and a WARNING, never as a pass.
 
-Usage: ``python bench/pipeline.py [--reps 2] [--proposer none] [--samplers 2] [--scorers 1]``.
+Defaults: ``configs/tiny_sd3.yaml`` with ``regions.proposer=none``, judge mode text, 2 samplers,
+1 scorer, ``cluster.max_in_flight_batches=4``, batch 4, checkpoints off; about 4.5 minutes on two idle
+cores. ``--set KEY=VALUE`` adds any config override to every run (e.g. ``cluster.max_staleness=8``).
+Run outputs (driver log, metrics.jsonl) go to a temporary directory, removed at the end unless
+``--keep-outputs`` (or the run failed).
+
+Usage: ``python bench/pipeline.py [--reps 2] [--proposer none] [--samplers 2] [--scorers 1] [--set K=V]``.
 Ends with ``RESULT <name> <value> target=<t> ok=<true|false>`` lines.
 """
 
@@ -45,6 +51,7 @@ import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -116,7 +123,7 @@ def scenario_config(args: argparse.Namespace, scenario: str, out_dir: Path, judg
     ]
     if scenario == "lat200":
         over += ["judge.backend=openai", f"judge.mode={args.judge_mode}", f"judge.endpoints=[{judge_url}]"]
-    return load_config(args.config, [*over, *extra])
+    return load_config(args.config, [*over, *args.set, *extra])
 
 
 def describe(cfg: SRUMConfig) -> str:
@@ -481,9 +488,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--efficiency-scenario", default="lat200", choices=["lat200", "nolat"])
     ap.add_argument("--scenarios", default="lat200,nolat")
     ap.add_argument("--num-cpus", type=float, default=4)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override for every run (repeatable), e.g. cluster.max_staleness=8")
     ap.add_argument("--contention-limit", type=float, default=0.25,
                     help="cores other processes may use in a measured window before it is measured again")
     ap.add_argument("--tries", type=int, default=2, help="attempts per measurement under contention")
+    ap.add_argument("--keep-outputs", action="store_true", help="keep the temporary run directory")
     ap.add_argument("--skip-stages", action="store_true", help="no stage-alone runs (no efficiency figure)")
     ap.add_argument("--skip-sync", action="store_true", help="no weight-sync figures")
     return ap.parse_args(argv)
@@ -636,10 +646,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"\nload average at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}; other processes used "
         f"{median(valid) if valid else float('nan'):.2f} cores (median; max {max(valid, default=float('nan')):.2f}) "
         f"during the measured windows; total {time.monotonic() - t_start:.0f} s; fake judge server: "
-        f"{server.final_line}; outputs in {out_dir}")
+        f"{server.final_line}; outputs in {out_dir}{'' if args.keep_outputs else ' (removed)'}")
     if contended:
         log(f"WARNING: {', '.join(sorted(contended))} measured while other processes used more than "
             f"{args.contention_limit:.2f} cores (after {args.tries} tries): not trustworthy, reported ok=false")
+    if not args.keep_outputs:
+        shutil.rmtree(out_dir, ignore_errors=True)
     for name in TARGETS:
         if name in results:
             log(result_line(name, results[name], name in contended))
