@@ -93,7 +93,50 @@ def load_pipeline(kind: str, pretrained: str, dtype: torch.dtype):
     return PIPELINE_CLASSES[kind].from_pretrained(pretrained, **{_dtype_kwarg(): dtype})
 
 
-class Policy:
+class TrainableState:
+    """Trainable-state methods shared by the policy adapters; the class sets ``self._params`` (state-dict
+    key -> trainable parameter) and ``self.version``."""
+
+    _params: dict[str, torch.nn.Parameter]
+    version: int
+
+    def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Trainable parameters by state-dict key (see module docstring)."""
+        return dict(self._params)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self._params.values())
+
+    def trainable_state(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """``(version, {key: CPU tensor copy})`` of the trainable tensors only."""
+        return self.version, {k: p.detach().to("cpu", copy=True) for k, p in self._params.items()}
+
+    @torch.no_grad()
+    def load_trainable_state(self, state: Mapping[str, torch.Tensor], version: int | None = None) -> None:
+        """Copy ``state`` into the trainable tensors; names and shapes must match exactly.
+
+        Raises ``ValueError`` naming the first few missing, unexpected and mis-shaped keys.
+        """
+        missing = [k for k in self._params if k not in state]
+        unexpected = [k for k in state if k not in self._params]
+        bad = [f"{k}: got {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}, "
+               f"want {tuple(self._params[k].shape)}"
+               for k, v in state.items()
+               if k in self._params and (not isinstance(v, torch.Tensor) or v.shape != self._params[k].shape)]
+        if missing or unexpected or bad:
+            parts = []
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad)):
+                if items:
+                    more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                    parts.append(f"{len(items)} {label}: {items[:5]}{more}")
+            raise ValueError("trainable state does not match this policy: " + "; ".join(parts))
+        for k, p in self._params.items():
+            p.copy_(state[k])
+        if version is not None:
+            self.version = int(version)
+
+
+class Policy(TrainableState):
     """Adapter around a diffusers flow-matching pipeline (see module docstring)."""
 
     def __init__(
@@ -322,38 +365,3 @@ class Policy:
         vsf = self.vae_scale_factor
         return self.pipe._unpack_latents(out, h * vsf, w * vsf, vsf)
 
-    # ------------------------------------------------------------------------- trainable state
-    def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        """Trainable parameters by state-dict key (see module docstring)."""
-        return dict(self._params)
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self._params.values())
-
-    def trainable_state(self) -> tuple[int, dict[str, torch.Tensor]]:
-        """``(version, {key: CPU tensor copy})`` of the trainable tensors only."""
-        return self.version, {k: p.detach().to("cpu", copy=True) for k, p in self._params.items()}
-
-    @torch.no_grad()
-    def load_trainable_state(self, state: Mapping[str, torch.Tensor], version: int | None = None) -> None:
-        """Copy ``state`` into the trainable tensors; names and shapes must match exactly.
-
-        Raises ``ValueError`` naming the first few missing, unexpected and mis-shaped keys.
-        """
-        missing = [k for k in self._params if k not in state]
-        unexpected = [k for k in state if k not in self._params]
-        bad = [f"{k}: got {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}, "
-               f"want {tuple(self._params[k].shape)}"
-               for k, v in state.items()
-               if k in self._params and (not isinstance(v, torch.Tensor) or v.shape != self._params[k].shape)]
-        if missing or unexpected or bad:
-            parts = []
-            for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad)):
-                if items:
-                    more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
-                    parts.append(f"{len(items)} {label}: {items[:5]}{more}")
-            raise ValueError("trainable state does not match this policy: " + "; ".join(parts))
-        for k, p in self._params.items():
-            p.copy_(state[k])
-        if version is not None:
-            self.version = int(version)

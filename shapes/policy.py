@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -35,7 +35,7 @@ from peft import LoraConfig, get_peft_model_state_dict
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from learner.policy import Conditioning, SampleBatch, resolve_device
+from learner.policy import Conditioning, SampleBatch, TrainableState, resolve_device
 
 ADAPTER_NAME = "default"
 PAD, UNK, CLS = "<pad>", "<unk>", "<cls>"
@@ -182,7 +182,7 @@ def flow_timesteps(steps: int, shift: float = 1.0) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ policy
-class ShapesPolicy:
+class ShapesPolicy(TrainableState):
     """The shapes generator with :class:`learner.policy.Policy`'s interface (module docstring).
 
     Build with :meth:`from_config` (pretrains or loads the cached base) or directly from modules.
@@ -374,39 +374,3 @@ class ShapesPolicy:
         return self._forward(x_t.to(self.device, torch.float32), t.to(self.device, torch.float32),
                              cond.embeds.to(self.device), cond.pooled.to(self.device)).float()
 
-    # ------------------------------------------------------------------------- trainable state
-    def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        """Trainable denoiser parameters by state-dict key (``named_parameters`` names, or peft's
-        LoRA names without the adapter name)."""
-        return dict(self._params)
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self._params.values())
-
-    def trainable_state(self) -> tuple[int, dict[str, torch.Tensor]]:
-        """``(version, {key: CPU tensor copy})`` of the trainable tensors only."""
-        return self.version, {k: p.detach().to("cpu", copy=True) for k, p in self._params.items()}
-
-    @torch.no_grad()
-    def load_trainable_state(self, state: Mapping[str, torch.Tensor], version: int | None = None) -> None:
-        """Copy ``state`` into the trainable tensors; names and shapes must match exactly.
-
-        Raises ``ValueError`` naming the first few missing, unexpected and mis-shaped keys.
-        """
-        missing = [k for k in self._params if k not in state]
-        unexpected = [k for k in state if k not in self._params]
-        bad = [f"{k}: got {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}, "
-               f"want {tuple(self._params[k].shape)}"
-               for k, v in state.items()
-               if k in self._params and (not isinstance(v, torch.Tensor) or v.shape != self._params[k].shape)]
-        if missing or unexpected or bad:
-            parts = []
-            for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad)):
-                if items:
-                    more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
-                    parts.append(f"{len(items)} {label}: {items[:5]}{more}")
-            raise ValueError("trainable state does not match this shapes policy: " + "; ".join(parts))
-        for k, p in self._params.items():
-            p.copy_(state[k])
-        if version is not None:
-            self.version = int(version)
