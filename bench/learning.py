@@ -6,13 +6,17 @@ then scored on the held-out prompts by the independent geometric evaluator (`sha
 
 Arms: base (no training); self_sft (its own samples, uniform weight); srum (official reward map);
 srum_signed (signed map); sample_level; binarized; no_constraint (lambda_c = 0); no_global.
+Figures per arm: held-out accuracy (per image and the mean over categories), the same on a fixed quarter
+of the training prompts, and the training reward (mean global score of its own samples) in the first and
+last quarter of its steps. Evaluation samples with `policy.eval_guidance_scale` when it is set.
 
     python bench/learning.py                  # 3 seeds, the full budget (~15-25 min on 2 cores)
     python bench/learning.py --seeds 1 --steps 10 --eval-seeds 1   # a quick look
 
 The in-process loop uses the same library pieces as the online service (policy, judge, regions, scorer,
 reward map, learner); only the Ray plumbing is left out so that 24 runs fit in minutes.
-Ends with `RESULT` lines (targets from the issue: SRUM >= base + 10 points; SRUM > self-SFT).
+Ends with `RESULT` lines (targets from the issue: SRUM >= base + 10 points; SRUM > self-SFT; SRUM's
+training reward rises more than self-SFT's).
 """
 
 from __future__ import annotations
@@ -62,49 +66,59 @@ def arm_config(arm: str, seed: int, extra: list[str]) -> SRUMConfig:
     return load_config(CONFIG, [f"run.seed={seed}", *ARMS[arm], *extra])
 
 
-def evaluate(policy, prompts: list[str], eval_seeds: int, seed: int) -> dict[str, float]:
-    """Held-out accuracy: every held-out prompt drawn with `eval_seeds` seeds (the same for every arm)."""
+CATEGORIES = ("single", "counting", "color_binding", "spatial")
+
+
+def evaluate(policy, prompts: list[str], eval_seeds: int, seed: int, guidance: float | None) -> dict[str, float]:
+    """Accuracy on `prompts`, each drawn with `eval_seeds` seeds (the same for every arm), with CFG
+    `guidance` (None = the policy's); `macro` is the mean over categories (GenEval's overall)."""
     images, specs = [], []
     for k in range(eval_seeds):
         for i in range(0, len(prompts), 16):
             chunk = prompts[i : i + 16]
             seeds = [10_000_000 + 1000 * seed + 100 * k + j for j in range(i, i + len(chunk))]
-            batch = policy.sample(chunk, seeds)
+            batch = policy.sample(chunk, seeds, guidance=guidance)
             images += list(batch.images.numpy())
             specs += [parse_prompt(p) for p in chunk]
-    return evaluator.accuracy(images, specs)
+    acc = evaluator.accuracy(images, specs)
+    acc["macro"] = statistics.mean(acc[c] for c in CATEGORIES if c in acc)
+    return acc
 
 
 def train_arm(arm: str, cfg: SRUMConfig, policy, train_prompts: list[str], steps: int) -> dict[str, float]:
-    """`steps` on-policy learner steps of `learner.batch_size` fresh samples each."""
+    """`steps` on-policy learner steps of `learner.batch_size` fresh samples each. Every arm's samples
+    are judged (self-SFT ignores the scores) so that the training reward of the first and last quarter
+    of the run can be compared across arms."""
     learner = Learner(cfg, policy)
-    scorer = None
-    if arm != "self_sft":
-        judge = make_judge(cfg.judge)
-        scorer = SampleScorer(judge, make_proposer(cfg.regions, judge=judge), cfg.reward)
+    judge = make_judge(cfg.judge)
+    scorer = SampleScorer(judge, make_proposer(cfg.regions, judge=judge), cfg.reward)
     rng = random.Random(cfg.run.seed)
-    n, dropped, g_sum, counted = cfg.learner.batch_size, 0, 0.0, 0
+    n, dropped, g_by_step = cfg.learner.batch_size, 0, []
     for step in range(steps):
         prompts = [rng.choice(train_prompts) for _ in range(n)]
         seeds = [cfg.run.seed * 1_000_003 + step * n + j for j in range(n)]
         batch = policy.sample(prompts, seeds)
         h, w = batch.x0.shape[-2:]
-        if scorer is None:  # self-SFT: its own samples, uniform weight
+        scored = asyncio.run(scorer.score_many(list(batch.images.numpy()), prompts, (h, w)))
+        g_by_step.append([s.global_score for s in scored if s.global_score is not None])
+        if arm == "self_sft":  # its own samples, uniform weight
             R, alpha, keep = torch.ones(n, h, w), torch.ones(n), list(range(n))
         else:
-            scored = asyncio.run(scorer.score_many(list(batch.images.numpy()), prompts, (h, w)))
             keep = [i for i, s in enumerate(scored) if not (s.drop or s.failed)]
             dropped += n - len(keep)
-            for s in scored:
-                if s.global_score is not None:
-                    g_sum, counted = g_sum + s.global_score, counted + 1
             if not keep:
                 continue
             R = torch.stack([scored[i].R_latent for i in keep])
             alpha = torch.tensor([scored[i].alpha for i in keep], dtype=torch.float32)
         learner.train_step({"prompts": [prompts[i] for i in keep], "x0": batch.x0[keep], "R": R, "alpha": alpha})
-    return {"dropped": dropped, "mean_global_score": g_sum / counted if counted else float("nan"),
-            "steps": learner.step}
+    q = max(1, steps // 4)
+
+    def mean_g(rows: list[list[float]]) -> float:
+        xs = [g for row in rows for g in row]
+        return statistics.mean(xs) if xs else float("nan")
+
+    return {"dropped": dropped, "train_reward_first_quarter": mean_g(g_by_step[:q]),
+            "train_reward_last_quarter": mean_g(g_by_step[-q:]), "steps": learner.step}
 
 
 def run_one(arm: str, seed: int, steps: int, eval_seeds: int, overrides: list[str]) -> dict:
@@ -118,8 +132,12 @@ def run_one(arm: str, seed: int, steps: int, eval_seeds: int, overrides: list[st
     train = [p.text for p in load_prompts(REPO / "configs" / "prompts" / "shapes_train.txt")]
     heldout = [p.text for p in load_prompts(REPO / "configs" / "prompts" / "shapes_heldout.txt")]
     info = train_arm(arm, cfg, policy, train, steps) if arm != "base" else {}
-    acc = evaluate(policy, heldout, eval_seeds, seed)
-    return {"arm": arm, "seed": seed, **acc, **info, "seconds": time.perf_counter() - t0}
+    g = cfg.policy.eval_guidance_scale
+    acc = evaluate(policy, heldout, eval_seeds, seed, g)
+    # a fixed quarter of the training prompts: did the arm learn what it trained on, whatever the transfer?
+    probe = evaluate(policy, train[::4], eval_seeds, seed, g)
+    return {"arm": arm, "seed": seed, **acc, "train_probe": probe["overall"], "train_probe_macro": probe["macro"],
+            **info, "seconds": time.perf_counter() - t0}
 
 
 def main() -> int:
@@ -148,24 +166,37 @@ def main() -> int:
             results.setdefault(r["arm"], []).append(r)
             cats = ", ".join(f"{k} {100 * v:.0f}" for k, v in r.items() if k in ("single", "counting",
                                                                                   "color_binding", "spatial"))
-            print(f"{r['arm']:14s} seed {r['seed']}: held-out acc {100 * r['overall']:.1f}%  ({cats})  "
+            print(f"{r['arm']:14s} seed {r['seed']}: held-out acc {100 * r['overall']:.1f}% (macro "
+                  f"{100 * r['macro']:.1f}; {cats}); train-prompt probe {100 * r['train_probe']:.1f}%  "
                   f"{r['seconds']:.0f} s", flush=True)
     results = {arm: sorted(results[arm], key=lambda r: r["seed"]) for arm in args.arms.split(",") if arm in results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
 
-    def mean_std(arm: str) -> tuple[float, float]:
-        xs = [100 * r["overall"] for r in results.get(arm, [])]
+    def mean_std(arm: str, key: str = "overall") -> tuple[float, float]:
+        xs = [100 * r[key] for r in results.get(arm, [])]
         return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (float("nan"), 0.0)
 
-    print("\narm             held-out accuracy (mean ± std over seeds)")
+    def mean_of(arm: str, key: str) -> float:
+        xs = [r[key] for r in results.get(arm, []) if key in r]
+        return statistics.mean(xs) if xs else float("nan")
+
+    print("\narm             held-out %       held-out macro %   train-prompt probe %  (mean ± std over seeds)"
+          "   training reward: first -> last quarter")
     for arm in results:
-        m, s = mean_std(arm)
-        print(f"{arm:14s}  {m:5.1f} ± {s:4.1f}")
+        cols = [mean_std(arm, k) for k in ("overall", "macro", "train_probe")]
+        print(f"{arm:14s}  " + "   ".join(f"{m:5.1f} ± {s:4.1f}  " for m, s in cols)
+              + f"   {mean_of(arm, 'train_reward_first_quarter'):+.3f} -> {mean_of(arm, 'train_reward_last_quarter'):+.3f}")
     base, srum, sft = mean_std("base")[0], mean_std("srum")[0], mean_std("self_sft")[0]
     gain = srum - base
     print(f"RESULT srum_gain_over_base_points {gain:.1f} target=10 ok={str(gain >= 10).lower()}")
     print(f"RESULT srum_minus_self_sft_points {srum - sft:.1f} target=0 ok={str(srum > sft).lower()}")
+    # the rise of SRUM's training reward beyond self-SFT's (which has no reward in its loss: its rise is drift)
+    def rise(arm: str) -> float:
+        return mean_of(arm, "train_reward_last_quarter") - mean_of(arm, "train_reward_first_quarter")
+
+    extra = rise("srum") - rise("self_sft")
+    print(f"RESULT srum_training_reward_rise_over_self_sft {extra:.3f} target=0 ok={str(extra > 0).lower()}")
     return 0
 
 

@@ -91,6 +91,9 @@ class PolicyConfig(_Section):
     width: int = Field(64, ge=16, le=4096, description="Generated image width in pixels (multiple of 16).")
     num_inference_steps: int = Field(8, ge=1, le=1000, description="Sampler denoising steps per image.")
     guidance_scale: float = Field(4.5, ge=0, description="Classifier-free guidance scale for sampling (<=1 disables CFG).")
+    eval_guidance_scale: float | None = Field(
+        None, ge=0, description="Guidance for held-out evaluation (null = guidance_scale); lets training samples go "
+        "without CFG (guidance_scale 1) while evaluation uses it.")
     max_sequence_length: int = Field(77, ge=1, le=512, description="Max T5 prompt tokens.")
     sample_shift: float = Field(3.0, gt=0, description="shapes: timestep shift of the sampler's Euler schedule.")
     pretrain_steps: int = Field(900, ge=0, description="shapes: steps of in-run base pretraining (cached on disk).")

@@ -45,8 +45,10 @@ from shapes.policy import ShapesArch, TextEncoder, WordTokenizer, build_denoiser
 log = logging.getLogger("srum.shapes.pretrain")
 
 FORMAT_VERSION = 1
-# 900 steps x 16 images (~3-5 min on one thread of this shared 2-core CPU): held-out accuracy ~15%
-# (single ~75%, counting ~40%, binding ~12%, spatial ~6%; 16 steps, CFG 3, sample shift 3).
+# 900 steps x 16 images (~2-4 min on one thread of this shared 2-core CPU): held-out accuracy 6-8% of
+# images (single ~40%, counting ~30%, binding ~5%, spatial ~2%; 16 steps, CFG 3, sample shift 3). It draws
+# clean shapes in the right colours; most failures are extra objects ("a red square" as two or three).
+# 2,500 steps reach ~12% held-out (bench/RESULTS.md).
 DEFAULT_STEPS = 900
 
 

@@ -294,6 +294,9 @@ def test_example_configs_contents():
     shapes = load_config(REPO / "configs" / "default.yaml")  # the embedded default: the shapes world
     assert (shapes.policy.kind, shapes.judge.backend, shapes.regions.proposer) == ("shapes", "shapes", "components")
     assert (REPO / shapes.cluster.prompts.path).is_file()
+    # training samples without CFG (it compounds through self-training), held-out evaluation with it
+    assert (shapes.policy.guidance_scale, shapes.policy.eval_guidance_scale) == (1.0, 3.0)
+    assert SRUMConfig().policy.eval_guidance_scale is None  # elsewhere: evaluate as sampled
     gpu = load_config(REPO / "configs" / "sd35_medium_vllm.yaml")
     assert gpu.judge.backend == "openai" and gpu.regions.sam_model_type == "vit_h"
     assert gpu.learner == C.LearnerConfig(mixed_precision="bf16")  # the paper recipe
@@ -335,7 +338,7 @@ def test_describe_config_lists_every_leaf_field():
     per_section: dict[str, int] = {}
     for key in docs:
         per_section[key.split(".")[0]] = per_section.get(key.split(".")[0], 0) + 1
-    assert per_section == {"run": 8, "policy": 18, "judge": 14, "regions": 10, "reward": 8, "learner": 16,
+    assert per_section == {"run": 8, "policy": 19, "judge": 14, "regions": 10, "reward": 8, "learner": 16,
                            "cluster": 10 + 3 * 2 + 5}
     for key in docs:
         parsed, errors = C.parse_overrides([f"{key}=null"])

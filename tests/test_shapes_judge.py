@@ -16,15 +16,12 @@ from rewards.scorer import SampleScorer
 from shapes.judge import (
     ComponentsProposer,
     ShapesJudge,
-    ShapesPerception,
-    TrainSettings,
-    components,
-    perception_accuracy,
     probe_probs,
     request_boxes,
     request_kind,
     request_prompt,
 )
+from shapes.perception import ShapesPerception, TrainSettings, components, perception_accuracy
 from shapes.world import make_split, parse_prompt, prompt_of, render
 
 SPATIAL = "a red circle to the left of a blue square"

@@ -15,7 +15,14 @@ from learner.learner import Learner, eval_flow_loss
 from learner.policy import SampleBatch
 from shapes import world
 from shapes.policy import ShapesPolicy, WordTokenizer, flow_timesteps, images_to_x0, x0_to_images
-from shapes.pretrain import PretrainSettings, ShapesArch, base_info, base_path, pretrain_base
+from shapes.pretrain import (
+    PretrainSettings,
+    ShapesArch,
+    base_info,
+    base_path,
+    heldout_accuracy,
+    pretrain_base,
+)
 
 TEST_STEPS = 30
 PROMPTS = ["a red circle to the left of a blue square", "two green triangles"]
@@ -125,6 +132,22 @@ def test_encode_is_cached_and_null_differs(cache_dir):
 
 
 # ------------------------------------------------------------------------------ trainable state
+def test_heldout_accuracy_samples_with_the_evaluation_guidance(cache_dir, monkeypatch):
+    pol = make_policy(cache_dir, guidance_scale=1.0, num_inference_steps=2)
+    seen, sample = [], pol.sample
+
+    def spy(prompts, seeds, **kw):
+        seen.append((len(prompts), kw.get("guidance")))
+        return sample(prompts, seeds, **kw)
+
+    monkeypatch.setattr(pol, "sample", spy)
+    acc = heldout_accuracy(pol, seeds_per_prompt=1, guidance=3.0)
+    assert acc["n"] == 66 and 0.0 <= acc["overall"] <= 1.0
+    assert sum(n for n, _ in seen) == 66 and {g for _, g in seen} == {3.0}
+    with_cfg = sample(["two green triangles"], [5], guidance=3.0).images
+    assert not torch.equal(with_cfg, sample(["two green triangles"], [5]).images)  # 1.0 really is another draw
+
+
 def test_trainable_state_roundtrip_gives_identical_velocities(cache_dir):
     a, b = make_policy(cache_dir), make_policy(cache_dir)
     with torch.no_grad():
