@@ -136,7 +136,41 @@ class TrainableState:
             self.version = int(version)
 
 
-class Policy(TrainableState):
+class PromptCache:
+    """``encode`` shared by the policy adapters: text-encoder outputs from a bounded LRU cache keyed by
+    prompt text. The class sets ``self._cache`` (an ``OrderedDict``), ``self.cache_size``,
+    ``self.cache_hits``, ``self.cache_misses`` and ``self.dtype``, and implements ``_encode_uncached``."""
+
+    _cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]
+    cache_size: int
+    cache_hits: int
+    cache_misses: int
+    dtype: torch.dtype
+
+    def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embeds [B, L, D], pooled [B, P])`` for ``prompts``, straight from the text encoder(s)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        """Text-encoder outputs for ``prompts``, from a bounded LRU cache keyed by prompt text."""
+        prompts = list(prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        self.cache_misses += len(missing)
+        self.cache_hits += len(prompts) - len(missing)
+        if missing:
+            embeds, pooled = self._encode_uncached(missing)
+            for i, p in enumerate(missing):
+                self._cache[p] = (embeds[i].to(self.dtype), pooled[i].to(self.dtype))
+        for p in prompts:
+            self._cache.move_to_end(p)
+        rows = [self._cache[p] for p in prompts]
+        while len(self._cache) > max(self.cache_size, len(set(prompts))):
+            self._cache.popitem(last=False)
+        return Conditioning(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+
+
+class Policy(TrainableState, PromptCache):
     """Adapter around a diffusers flow-matching pipeline (see module docstring)."""
 
     def __init__(
@@ -251,23 +285,6 @@ class Policy(TrainableState):
                 max_sequence_length=self.max_sequence_length,
             )
         return embeds, pooled
-
-    @torch.no_grad()
-    def encode(self, prompts: Sequence[str]) -> Conditioning:
-        """Text-encoder outputs for ``prompts``, from a bounded LRU cache keyed by prompt text."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        self.cache_misses += len(missing)
-        self.cache_hits += len(prompts) - len(missing)
-        if missing:
-            embeds, pooled = self._encode_uncached(missing)
-            for i, p in enumerate(missing):
-                self._cache[p] = (embeds[i].to(self.dtype), pooled[i].to(self.dtype))
-        for p in prompts:
-            self._cache.move_to_end(p)
-        rows = [self._cache[p] for p in prompts]
-        while len(self._cache) > max(self.cache_size, len(set(prompts))):
-            self._cache.popitem(last=False)
-        return Conditioning(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
 
     # -------------------------------------------------------------------------------- inference
     def _autocast(self) -> contextlib.AbstractContextManager:

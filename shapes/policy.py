@@ -35,7 +35,7 @@ from peft import LoraConfig, get_peft_model_state_dict
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from learner.policy import Conditioning, SampleBatch, TrainableState, resolve_device
+from learner.policy import Conditioning, PromptCache, SampleBatch, TrainableState, resolve_device
 
 ADAPTER_NAME = "default"
 PAD, UNK, CLS = "<pad>", "<unk>", "<cls>"
@@ -182,7 +182,7 @@ def flow_timesteps(steps: int, shift: float = 1.0) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ policy
-class ShapesPolicy(TrainableState):
+class ShapesPolicy(TrainableState, PromptCache):
     """The shapes generator with :class:`learner.policy.Policy`'s interface (module docstring).
 
     Build with :meth:`from_config` (pretrains or loads the cached base) or directly from modules.
@@ -280,23 +280,10 @@ class ShapesPolicy(TrainableState):
 
     # ------------------------------------------------------------------------------ conditioning
     @torch.no_grad()
-    def encode(self, prompts: Sequence[str]) -> Conditioning:
-        """Frozen text-encoder outputs for ``prompts`` from a bounded LRU cache keyed by prompt text."""
-        prompts = list(prompts)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        self.cache_misses += len(missing)
-        self.cache_hits += len(prompts) - len(missing)
-        if missing:
-            ids, pad = self.tokenizer(missing)
-            embeds, pooled = self.text_encoder(ids.to(self.device), pad.to(self.device))
-            for i, p in enumerate(missing):
-                self._cache[p] = (embeds[i], pooled[i])
-        for p in prompts:
-            self._cache.move_to_end(p)
-        rows = [self._cache[p] for p in prompts]
-        while len(self._cache) > max(self.cache_size, len(set(prompts))):
-            self._cache.popitem(last=False)
-        return Conditioning(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+    def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen text encoder's outputs (``encode`` caches them; see ``PromptCache``)."""
+        ids, pad = self.tokenizer(prompts)
+        return self.text_encoder(ids.to(self.device), pad.to(self.device))
 
     # -------------------------------------------------------------------------------- inference
     @property

@@ -7,6 +7,8 @@ from ``answer(body) -> str``; logprob probes (``logprobs`` + a ``structured_outp
 ``("delay", seconds)`` pause before answering normally, or ``("status", code, headers)``. It
 records every request body, and the peak number of chat requests in flight. ``stop()`` closes
 the listening socket (connections are refused), ``start()`` reopens it on the same port.
+
+``scene()`` is the judge tests' shared image: a red disc and a blue square on a beige background.
 """
 
 from __future__ import annotations
@@ -20,6 +22,16 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from PIL import Image, ImageDraw
+
+
+def scene() -> Image.Image:
+    """64x64 RGB: a red disc (4, 6, 30, 34) and a blue square (34, 30, 60, 60) on beige."""
+    img = Image.new("RGB", (64, 64), (235, 235, 220))
+    d = ImageDraw.Draw(img)
+    d.ellipse((4, 6, 30, 34), fill=(200, 30, 30))
+    d.rectangle((34, 30, 60, 60), fill=(30, 30, 200))
+    return img
 
 
 def _free_port() -> int:

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import tests.conftest as _conftest
 from cluster.config import JudgeConfig, RegionsConfig, RewardConfig
@@ -22,6 +22,7 @@ from rewards import prompts as Q
 from rewards.judge import JudgeHTTPError, JudgeModelNotFoundError, make_judge, positional_regions_schema
 from rewards.regions import make_proposer
 from rewards.scorer import SampleScorer
+from tests.judge_fake_server import scene
 from tests.vllm_server import free_port
 
 if not hasattr(_conftest, "vllm_server"):  # until conftest.py imports it for the whole session
@@ -30,14 +31,6 @@ if not hasattr(_conftest, "vllm_server"):  # until conftest.py imports it for th
 pytestmark = pytest.mark.vllm
 
 BOXES = [(2, 2, 30, 30), (20, 10, 60, 50), (0, 40, 64, 64)]
-
-
-def scene() -> Image.Image:
-    img = Image.new("RGB", (64, 64), (235, 235, 220))
-    d = ImageDraw.Draw(img)
-    d.ellipse((4, 6, 30, 34), fill=(200, 30, 30))
-    d.rectangle((34, 30, 60, 60), fill=(30, 30, 200))
-    return img
 
 
 def judge_for(url: str, mode: str, **kw):

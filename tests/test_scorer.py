@@ -7,7 +7,6 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from cluster.config import JudgeConfig, RegionsConfig, RewardConfig
 from rewards.judge import make_judge
@@ -15,17 +14,9 @@ from rewards.judge_hf import TransformersJudge
 from rewards.regions import NoneProposer, Proposal, RegionProposer, make_proposer
 from rewards.scorer import DROP_JUDGE_FAILED, SampleScorer
 from rewards.tiny_vlm import build_tiny_vlm
-from tests.judge_fake_server import FakeOpenAIServer
+from tests.judge_fake_server import FakeOpenAIServer, scene
 
 LATENT = (8, 8)
-
-
-def scene() -> Image.Image:
-    img = Image.new("RGB", (64, 64), (235, 235, 220))
-    d = ImageDraw.Draw(img)
-    d.ellipse((4, 6, 30, 34), fill=(200, 30, 30))
-    d.rectangle((34, 30, 60, 60), fill=(30, 30, 200))
-    return img
 
 
 class FixedProposer(RegionProposer):
