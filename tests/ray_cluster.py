@@ -119,3 +119,22 @@ def local_ray(namespace: str, pickle_by_value: str | None = None) -> Iterator:
     finally:
         if started:
             ray.shutdown()
+
+
+def wait_until_lost(ray, ref, timeout_s: float = 60.0) -> None:
+    """Wait until a borrowed object is known lost after its owner was killed (on a ref nobody else reads).
+
+    Owner death reaches borrowers asynchronously: until it does, a get is just not ready
+    (``GetTimeoutError``), which on a loaded machine can last several seconds, so poll until
+    ``ObjectLostError`` (``OwnerDiedError`` is a subclass) rather than fail on the first timeout.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(ref, timeout=1)
+        except ray.exceptions.ObjectLostError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            continue
+        time.sleep(0.1)
+    raise AssertionError(f"the object outlived its owner for {timeout_s:.0f} s")

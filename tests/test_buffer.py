@@ -4,7 +4,6 @@ and (with a local Ray) that only object references travel through the buffer act
 from __future__ import annotations
 
 import random
-import time
 from collections import Counter
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 
 from cluster.buffer import AccountingError, ReplayBuffer, resolve_entries
 from cluster.records import BufferEntry, SampleMeta, TrainSample, make_entry
-from tests.ray_cluster import local_ray
+from tests.ray_cluster import local_ray, wait_until_lost
 
 
 def meta(i: int, version: int = 0, **kw) -> SampleMeta:
@@ -244,13 +243,7 @@ def test_buffer_never_resolves_refs_and_lost_objects_are_accounted(ray_local, ow
     buf = ray.remote(ReplayBuffer).options(num_cpus=0).remote(8, 2, 0.0, 0)
     assert ray.get(buf.add.remote([BufferEntry(meta(i), r) for i, r in enumerate(refs)])) == 2
     ray.kill(owner_actor)  # the objects die with their owner; the buffer still holds the refs
-    deadline = time.monotonic() + 20  # owner death reaches the object directory asynchronously
-    while time.monotonic() < deadline:
-        try:
-            ray.get(probe, timeout=1)
-        except ray.exceptions.ObjectLostError:
-            break
-        time.sleep(0.1)
+    wait_until_lost(ray, probe)
     live = ray.put(np.arange(3.0))
     assert ray.get(buf.add.remote([BufferEntry(meta(5), live)])) == 1
     drawn = ray.get(buf.sample.remote(3, 0))

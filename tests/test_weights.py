@@ -3,8 +3,6 @@ the object-store path, a dead owner and a dead store."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -18,7 +16,7 @@ from cluster.weights import (
     state_nbytes,
     to_cpu_state,
 )
-from tests.ray_cluster import local_ray
+from tests.ray_cluster import local_ray, wait_until_lost
 
 
 class CountingStore(WeightStore):
@@ -149,7 +147,7 @@ def test_dead_owner_keeps_current_weights_and_counts_a_failure(ray_local):
     pub = Publisher.remote()
     ray.get(pub.publish.remote(store, 1))
     ray.kill(pub)
-    _wait_until_lost(ray, ray.get(store.latest.remote())[1][0])
+    wait_until_lost(ray, ray.get(store.latest.remote())[1][0])
     stats, load = SyncStats(), Loader()
     r = maybe_sync(store, 0, load, stats, timeout_s=10)
     assert (int(r), r.synced, r.failed, r.latest_version) == (0, False, True, 1)
@@ -166,15 +164,3 @@ def test_dead_store_is_a_counted_failure_not_a_crash(ray_local):
     r = maybe_sync(store, 0, Loader(), stats, timeout_s=10)
     assert (int(r), r.failed, stats.failed) == (0, True, 1)
     assert "Actor" in stats.last_error
-
-
-def _wait_until_lost(ray, ref, timeout_s: float = 20.0) -> None:
-    """Owner death reaches borrowers asynchronously; wait for it (on a ref nobody else reads)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            ray.get(ref, timeout=1)
-        except ray.exceptions.ObjectLostError:
-            return
-        time.sleep(0.1)
-    raise AssertionError("the object outlived its owner")
