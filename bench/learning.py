@@ -85,10 +85,14 @@ def evaluate(policy, prompts: list[str], eval_seeds: int, seed: int, guidance: f
     return acc
 
 
-def train_arm(arm: str, cfg: SRUMConfig, policy, train_prompts: list[str], steps: int) -> dict[str, float]:
-    """`steps` on-policy learner steps of `learner.batch_size` fresh samples each. Every arm's samples
-    are judged (self-SFT ignores the scores) so that the training reward of the first and last quarter
-    of the run can be compared across arms."""
+def train_arm(arm: str, cfg: SRUMConfig, policy, train_prompts: list[str], steps: int,
+              sampler=None) -> dict[str, float]:
+    """`steps` learner steps of `learner.batch_size` fresh samples each, drawn by `sampler` (default: the
+    policy being trained, i.e. on-policy; a frozen copy of the base gives the paper's recipe, where the
+    base generates and the model then trains on its samples). Every arm's samples are judged (self-SFT
+    ignores the scores) so that the training reward of the first and last quarter of the run can be
+    compared across arms."""
+    sampler = policy if sampler is None else sampler
     learner = Learner(cfg, policy)
     judge = make_judge(cfg.judge)
     scorer = SampleScorer(judge, make_proposer(cfg.regions, judge=judge), cfg.reward)
@@ -97,7 +101,7 @@ def train_arm(arm: str, cfg: SRUMConfig, policy, train_prompts: list[str], steps
     for step in range(steps):
         prompts = [rng.choice(train_prompts) for _ in range(n)]
         seeds = [cfg.run.seed * 1_000_003 + step * n + j for j in range(n)]
-        batch = policy.sample(prompts, seeds)
+        batch = sampler.sample(prompts, seeds)
         h, w = batch.x0.shape[-2:]
         scored = asyncio.run(scorer.score_many(list(batch.images.numpy()), prompts, (h, w)))
         g_by_step.append([s.global_score for s in scored if s.global_score is not None])
@@ -121,7 +125,7 @@ def train_arm(arm: str, cfg: SRUMConfig, policy, train_prompts: list[str], steps
             "train_reward_last_quarter": mean_g(g_by_step[-q:]), "steps": learner.step}
 
 
-def run_one(arm: str, seed: int, steps: int, eval_seeds: int, overrides: list[str]) -> dict:
+def run_one(arm: str, seed: int, steps: int, eval_seeds: int, overrides: list[str], sample_from: str = "current") -> dict:
     """One (arm, seed) run in its own process (one torch thread: the runs share the machine's cores)."""
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -131,7 +135,8 @@ def run_one(arm: str, seed: int, steps: int, eval_seeds: int, overrides: list[st
     policy = Policy.from_config(cfg.policy, seed=0)  # the same base for every arm and seed
     train = [p.text for p in load_prompts(REPO / "configs" / "prompts" / "shapes_train.txt")]
     heldout = [p.text for p in load_prompts(REPO / "configs" / "prompts" / "shapes_heldout.txt")]
-    info = train_arm(arm, cfg, policy, train, steps) if arm != "base" else {}
+    sampler = Policy.from_config(cfg.policy, seed=0) if sample_from == "base" else policy  # frozen copy
+    info = train_arm(arm, cfg, policy, train, steps, sampler) if arm != "base" else {}
     g = cfg.policy.eval_guidance_scale
     acc = evaluate(policy, heldout, eval_seeds, seed, g)
     # a fixed quarter of the training prompts: did the arm learn what it trained on, whatever the transfer?
@@ -148,19 +153,24 @@ def main() -> int:
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--out", default=str(REPO / "runs" / "learning.json"))
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
+    ap.add_argument("--sample-from", choices=("current", "base"), default="current",
+                    help="training samples from the current policy (on-policy, as the service) or a frozen base"
+                         " (the paper's recipe; the training reward then stays the base's)")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every arm")
     args = ap.parse_args()
     cfg0 = load_config(CONFIG, args.overrides)
     from shapes.pretrain import pretrain_base, settings_from_config
 
     pretrain_base(*settings_from_config(cfg0.policy))  # once, before the workers start
-    print(f"shapes world: {args.seeds} seeds x {args.steps} steps x batch {cfg0.learner.batch_size} per arm; "
+    print(f"shapes world: {args.seeds} seeds x {args.steps} steps x batch {cfg0.learner.batch_size} per arm, "
+          f"samples from the {args.sample_from} policy; "
           f"eval {args.eval_seeds} images per held-out prompt; {args.jobs} runs at a time", flush=True)
     jobs = [(arm, seed) for seed in range(args.seeds) for arm in args.arms.split(",")]
     results: dict[str, list[dict]] = {}
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-        futures = [pool.submit(run_one, arm, seed, args.steps, args.eval_seeds, args.overrides) for arm, seed in jobs]
+        futures = [pool.submit(run_one, arm, seed, args.steps, args.eval_seeds, args.overrides,
+                               args.sample_from) for arm, seed in jobs]
         for fut in as_completed(futures):
             r = fut.result()
             results.setdefault(r["arm"], []).append(r)
