@@ -12,6 +12,7 @@ last quarter of its steps. Evaluation samples with `policy.eval_guidance_scale` 
 
     python bench/learning.py                  # 3 seeds, the full budget (~15-25 min on 2 cores)
     python bench/learning.py --seeds 1 --steps 10 --eval-seeds 1   # a quick look
+    python bench/learning.py --sample-from base   # train on a frozen base's samples (the paper's recipe)
 
 The in-process loop uses the same library pieces as the online service (policy, judge, regions, scorer,
 reward map, learner); only the Ray plumbing is left out so that 24 runs fit in minutes.
