@@ -128,10 +128,9 @@ class LearnerHost:
         from shapes.pretrain import heldout_accuracy
 
         t0 = time.perf_counter()
-        g = self.cfg.policy.eval_guidance_scale
         acc = heldout_accuracy(self.policy, seeds_per_prompt=self.cfg.run.eval_seeds,
                                split_seed=self.cfg.policy.shapes_split_seed,
-                               **({} if g is None else {"guidance": g}))
+                               guidance=self.cfg.policy.eval_guidance_scale)  # None: the policy's own
         return {"step": self.learner.step, "policy_version": self.policy.version, **acc,
                 "eval_seconds": time.perf_counter() - t0}
 

@@ -136,8 +136,10 @@ def run_one(arm: str, seed: int, steps: int, eval_seeds: int, overrides: list[st
     policy = Policy.from_config(cfg.policy, seed=0)  # the same base for every arm and seed
     train = [p.text for p in load_prompts(REPO / "configs" / "prompts" / "shapes_train.txt")]
     heldout = [p.text for p in load_prompts(REPO / "configs" / "prompts" / "shapes_heldout.txt")]
-    sampler = Policy.from_config(cfg.policy, seed=0) if sample_from == "base" else policy  # frozen copy
-    info = train_arm(arm, cfg, policy, train, steps, sampler) if arm != "base" else {}
+    info = {}
+    if arm != "base":
+        sampler = Policy.from_config(cfg.policy, seed=0) if sample_from == "base" else policy  # a frozen copy
+        info = train_arm(arm, cfg, policy, train, steps, sampler)
     g = cfg.policy.eval_guidance_scale
     acc = evaluate(policy, heldout, eval_seeds, seed, g)
     # a fixed quarter of the training prompts: did the arm learn what it trained on, whatever the transfer?

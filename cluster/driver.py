@@ -96,6 +96,8 @@ class Driver:
         self.policy_version = 0
         self.lags: dict[str, int] = {}
         self.sampler_versions: dict[str, int] = {}
+        self.last_eval: dict[str, Any] | None = None  # the latest held-out evaluation (shapes world)
+        self.last_eval_step: int | None = None
 
     # ------------------------------------------------------------------ set-up
     def start(self) -> None:
@@ -119,7 +121,6 @@ class Driver:
         ).remote(cfg, str(self.run_dir), self.buffer, self.store)
         self.step = ray.get(self.learner.ping.remote())  # waits for the build (and a resume, if any)
         self.start_step = self.step
-        self.last_eval_step: int | None = None
         if cfg.run.eval_every:
             self._on_eval_result(ray.get(self.learner.evaluate.remote()))  # the starting point
         restarts = cfg.cluster.max_restarts
@@ -314,7 +315,7 @@ class Driver:
             "judge": self.judge_counters, "judge_failed": judge_failed,
             "num_samplers": self.samplers.size(), "num_scorers": self.scorers.size(),
             "counts": dict(self.counts), "stop_reason": self.stop_reason,
-            "heldout": getattr(self, "last_eval", None),
+            "heldout": self.last_eval,
         }
 
     def _report(self, force: bool = False) -> None:
