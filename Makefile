@@ -30,13 +30,15 @@ test-all: setup vllm-env
 	$(BIN)/python -m pytest -m ''
 
 run: setup
-	$(BIN)/python -m cluster.main --config configs/default.yaml $(ARGS)
+	$(BIN)/python -m srum.main --config configs/default.yaml $(ARGS)
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
+# ruff on every package, then the import-linter contracts (pyproject.toml: layers, no cycles in a package)
 lint: setup
-	$(BIN)/ruff check actors learner rewards cluster tests bench
+	$(BIN)/ruff check core rewards learner actors cluster shapes srum tests bench
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .venv-vllm .pytest_cache

@@ -1,44 +1,58 @@
-"""Learner host actor: runs the SRUM learner on batches drawn from the replay buffer, publishes weights
-every `learner.sync_every` steps and checkpoints every `learner.checkpoint_every` steps.
+"""Learner host actor: trains the SRUM learner on the batches the driver draws from the replay buffer,
+publishes weights every ``learner.sync_every`` steps, checkpoints every ``learner.checkpoint_every``
+steps and runs the world's held-out evaluation.
 
-A plain class (the driver makes it remote on a GPU node with `max_restarts`). On (re)start it resumes
-from the run's latest checkpoint when there is one, then publishes its weights, so samplers re-sync.
+A plain class (the driver makes it remote on a GPU node with ``max_restarts``). :meth:`LearnerHost.train`
+takes whole batches of :class:`~core.records.TrainSample` whose tensors are object references and fetches
+all of them with one ``ray.get``. On (re)start it resumes from the run's latest checkpoint when there is
+one, then publishes its weights, so samplers re-sync.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 
-from cluster import metrics as M
-from cluster.config import SRUMConfig
-from cluster.weights import publish_state
-from learner.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from actors.components import Components
+from actors.weights import publish_state
+from core.metrics import Metric, Metrics
+from core.records import TrainSample, collate
+from learner.checkpoint import find_latest
 from learner.learner import Learner
-from learner.policy import Policy
 
 log = logging.getLogger("srum.learner_host")
 
+FETCH_TIMEOUT_S = 60.0  # a sample's tensors that cannot be fetched in this time are counted lost
+
+
+@dataclass
+class LearnResult:
+    """What one :meth:`LearnerHost.train` call did: one stats dict per applied step, and how many drawn
+    samples were lost (their tensors could not be fetched; the driver accounts them)."""
+
+    steps: list[dict[str, Any]]
+    lost: int
+
 
 class LearnerHost:
-    def __init__(self, cfg: SRUMConfig, run_dir: str, buffer: Any, weight_store: Any):
+    def __init__(self, components: Components, run_dir: str, weight_store: Any):
+        cfg = components.cfg
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        self.buffer = buffer
+        self.ckpt_dir = Path(run_dir) / "checkpoints"
         self.store = weight_store
-        self.policy = Policy.from_config(cfg.policy, seed=cfg.run.seed)
+        self.policy = components.policy()
         self.learner = Learner(cfg, self.policy)
-        self.metrics = M.Metrics()
-        self.lost_samples = 0
+        self.evaluator = components.evaluator() if cfg.run.eval_every else None
+        self.metrics = Metrics({"actor": "learner"})
         self.resumed_from: str | None = None
         if find_latest(self.ckpt_dir) is not None:
-            self.resumed_from = str(load_checkpoint(self.ckpt_dir, self.learner))
+            self.resumed_from = str(self.learner.resume(self.ckpt_dir))
             log.info("resumed from %s at step %d", self.resumed_from, self.learner.step)
         self._last_published = -1
         self.publish()
@@ -49,54 +63,28 @@ class LearnerHost:
         if version != self._last_published:
             # allow_rollback: a restarted learner resumes from a checkpoint older than what it last published
             seconds = publish_state(self.store, version, state, allow_rollback=True)
-            self.metrics.observe(M.WEIGHT_SYNC_SECONDS, seconds, {"actor": "learner"})
-            self.metrics.set(M.POLICY_VERSION, version)
+            self.metrics.observe(Metric.WEIGHT_SYNC_TIME, seconds)
+            self.metrics.set(Metric.POLICY_VERSION, version)
             self._last_published = version
         return version
 
     # ------------------------------------------------------------------ training
-    def _draw(self, timeout_s: float) -> list[dict[str, Any]] | None:
-        """Draw one batch of records from the buffer (waits until enough are there, or gives up)."""
-        need = self.cfg.learner.batch_size
-        deadline = time.monotonic() + timeout_s
-        records: list[dict[str, Any]] = []
-        while len(records) < need:
-            entries = ray.get(self.buffer.sample.remote(need - len(records), self.policy.version))
-            for entry in entries:
-                try:
-                    records.append(ray.get(entry.ref, timeout=30))
-                except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError, ray.exceptions.GetTimeoutError):
-                    self.lost_samples += 1
-                    ray.get(self.buffer.mark_lost.remote(1))
-            if len(records) < need:
-                if time.monotonic() > deadline:
-                    if records:  # give back nothing: what was drawn is trained now rather than lost
-                        break
-                    return None
-                time.sleep(0.02)
-        return records
-
-    def run(self, n_steps: int, timeout_s: float = 60.0) -> list[dict[str, Any]]:
-        """Up to `n_steps` learner steps; returns one metrics dict per step done (fewer when the buffer stays
-        short of a batch for `timeout_s`)."""
+    def train(self, batches: Sequence[Sequence[TrainSample]]) -> LearnResult:
+        """One learner step per batch (tensors by reference, all fetched at once)."""
+        fetched, lost = _fetch([s for b in batches for s in b])
         out = []
-        for _ in range(n_steps):
-            records = self._draw(timeout_s)
-            if records is None:
-                break
-            batch = {
-                "prompts": [r["meta"].prompt for r in records],
-                "x0": torch.stack([r["x0"] for r in records]),
-                "R": torch.stack([r["R"] for r in records]),
-                "alpha": torch.tensor([r["alpha"] for r in records], dtype=torch.float32),
-            }
-            stats = self.learner.train_step(batch)
+        for batch in batches:
+            samples = [fetched[s.sample_id] for s in batch if s.sample_id in fetched]
+            if not samples:
+                continue
+            stats = self.learner.train_step(collate(samples))
+            records = [s.record for s in samples]
             stats.update(
                 step=self.learner.step,
-                mean_global_score=_mean([r["meta"].global_score for r in records]),
-                mean_alpha=float(batch["alpha"].mean()),
-                mean_R=float(batch["R"].mean()),
-                mean_lag=_mean([self.policy.version - r["meta"].policy_version for r in records]),
+                mean_global_score=_mean([r.global_score for r in records]),
+                mean_alpha=_mean([r.alpha for r in records]),
+                mean_R=_mean([r.mean_R for r in records]),
+                mean_lag=_mean([self.policy.version - r.policy_version for r in records]),
             )
             self._record_metrics(stats)
             if self.learner.step % self.cfg.learner.sync_every == 0:
@@ -106,41 +94,36 @@ class LearnerHost:
                 self.checkpoint()
             stats["policy_version"] = self.policy.version
             out.append(stats)
-        return out
+        return LearnResult(out, lost)
 
     def _record_metrics(self, stats: dict[str, Any]) -> None:
-        m, tags = self.metrics, {"actor": "learner"}
-        m.inc(M.SAMPLES_TRAINED, stats.get("samples", 0))
-        m.inc(M.LEARNER_STEPS, 1)
-        m.observe(M.LEARNER_STEP_SECONDS, stats.get("step_time_s", 0.0))
-        for name, key in ((M.LEARNER_LOSS, "loss"), (M.LEARNER_LOSS_R, "l_r"), (M.LEARNER_LOSS_REF, "l_ref"),
-                          (M.LEARNER_GRAD_NORM, "grad_norm")):
-            if stats.get(key) is not None:
-                m.set(name, stats[key])
-        if stats.get("mean_global_score") is not None:
-            m.set(M.REWARD_GLOBAL_SCORE, stats["mean_global_score"], tags)
-        m.set(M.REWARD_ALPHA, stats["mean_alpha"], tags)
-        m.set(M.REWARD_MEAN_R, stats["mean_R"], tags)
-        m.set(M.POLICY_VERSION, self.policy.version)
+        m = self.metrics
+        m.inc(Metric.SAMPLES_TRAINED, stats["samples"])
+        m.inc(Metric.LEARNER_STEPS, 1)
+        m.observe(Metric.LEARNER_STEP_TIME, stats["step_time_s"])
+        for name, key in ((Metric.LEARNER_LOSS, "loss"), (Metric.LEARNER_LOSS_R, "l_r"),
+                          (Metric.LEARNER_LOSS_REF, "l_ref"), (Metric.LEARNER_GRAD_NORM, "grad_norm"),
+                          (Metric.REWARD_GLOBAL_SCORE, "mean_global_score"), (Metric.REWARD_ALPHA, "mean_alpha"),
+                          (Metric.REWARD_MEAN_R, "mean_R")):
+            m.set(name, stats[key])
+        m.set(Metric.POLICY_VERSION, self.policy.version)
 
     def evaluate(self) -> dict[str, Any]:
-        """Held-out accuracy of the current weights by the world's independent evaluator (shapes world)."""
-        from shapes.pretrain import heldout_accuracy
-
+        """Held-out accuracy of the current weights by the world's independent evaluator."""
+        if self.evaluator is None:
+            raise RuntimeError("no evaluator: run.eval_every is 0 or the world has none")
         t0 = time.perf_counter()
-        acc = heldout_accuracy(self.policy, seeds_per_prompt=self.cfg.run.eval_seeds,
-                               split_seed=self.cfg.policy.shapes_split_seed,
-                               guidance=self.cfg.policy.eval_guidance_scale)  # None: the policy's own
+        acc = self.evaluator.evaluate(self.policy)
         return {"step": self.learner.step, "policy_version": self.policy.version, **acc,
                 "eval_seconds": time.perf_counter() - t0}
 
     def checkpoint(self) -> str:
-        path = save_checkpoint(self.ckpt_dir, self.learner)
-        return str(path)
+        return str(self.learner.checkpoint(self.ckpt_dir))
 
     def get_metrics(self) -> dict[str, Any]:
-        return {"step": self.learner.step, "policy_version": self.policy.version, "lost_samples": self.lost_samples,
-                "skipped_steps": self.learner.skipped_steps, "resumed_from": self.resumed_from}
+        return {"step": self.learner.step, "policy_version": self.policy.version,
+                "skipped_steps": self.learner.skipped_steps, "resumed_from": self.resumed_from,
+                **self.metrics.snapshot()}
 
     def ping(self) -> int:
         return self.learner.step
@@ -150,6 +133,27 @@ class LearnerHost:
         self.publish()
         self.checkpoint()
         return self.get_metrics()
+
+
+def _fetch(samples: list[TrainSample]) -> tuple[dict[str, TrainSample], int]:
+    """Resolve every sample's tensors: one ``ray.get`` for all refs; when that fails (an object was lost),
+    one get per ref to find the lost ones. Returns ({sample_id: resolved sample}, number lost)."""
+    refs = [s.tensors for s in samples if isinstance(s.tensors, ray.ObjectRef)]
+    try:
+        values = iter(ray.get(refs, timeout=FETCH_TIMEOUT_S) if refs else [])
+        return {s.sample_id: (TrainSample(s.record, next(values)) if isinstance(s.tensors, ray.ObjectRef) else s)
+                for s in samples}, 0
+    except ray.exceptions.RayError:
+        pass
+    out: dict[str, TrainSample] = {}
+    for s in samples:
+        try:
+            tensors = ray.get(s.tensors, timeout=FETCH_TIMEOUT_S) if isinstance(s.tensors, ray.ObjectRef) else s.tensors
+        except ray.exceptions.RayError as exc:
+            log.warning("sample %s lost before training: %s", s.sample_id, type(exc).__name__)
+            continue
+        out[s.sample_id] = TrainSample(s.record, tensors)
+    return out, len(samples) - len(out)
 
 
 def _mean(values: list[float | None]) -> float | None:

@@ -80,11 +80,12 @@ def _wait_up(port: int, timeout: float = 30.0) -> None:
 async def _measure(url: str, concurrency: int, n: int) -> tuple[float, dict]:
     import numpy as np
 
-    from cluster.config import JudgeConfig
-    from rewards.judge import make_judge, prepare_image
+    from core.config import OpenAIJudgeConfig
+    from rewards.judge import prepare_image
+    from srum.registry import make_judge
 
-    cfg = JudgeConfig(backend="openai", mode="text", endpoints=[url], max_in_flight_per_endpoint=concurrency,
-                      timeout_s=30.0, max_retries=0)
+    cfg = OpenAIJudgeConfig(mode="text", endpoints=[url], max_in_flight_per_endpoint=concurrency,
+                            timeout_s=30.0, max_retries=0)
     judge = make_judge(cfg)
     image = prepare_image(np.full((64, 64, 3), 128, np.uint8))
     try:

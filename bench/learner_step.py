@@ -26,9 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.config import LearnerConfig, PolicyConfig  # noqa: E402
+from core.config import DiffusersPolicyConfig, LearnerConfig  # noqa: E402
+from core.records import TrainBatch  # noqa: E402
+from learner.base import resolve_device  # noqa: E402
 from learner.learner import Learner  # noqa: E402
-from learner.policy import Policy, resolve_device  # noqa: E402
+from learner.policy import DiffusersPolicy  # noqa: E402
 from learner.tiny import build_tiny_sd3  # noqa: E402
 
 TARGET = 1.10
@@ -51,11 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> float:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    pc = PolicyConfig(device=str(device), lora_rank=args.lora_rank, height=args.size, width=args.size)
+    pc = DiffusersPolicyConfig(device=str(device), lora_rank=args.lora_rank, height=args.size, width=args.size)
     lc = LearnerConfig(lr=1e-5, warmup_steps=0, grad_clip=1.0, lambda_c=0.5, timestep_shift=4.0)
     pipe = build_tiny_sd3(0, num_layers=args.layers, attention_head_dim=args.head_dim,
                           num_attention_heads=args.heads)
-    policy = Policy(pipe, "sd3", device=device, lora_rank=args.lora_rank, height=args.size, width=args.size)
+    policy = DiffusersPolicy(pipe, "sd3", device=device, lora_rank=args.lora_rank, height=args.size, width=args.size)
     learner = Learner((pc, lc), policy, seed=0)
 
     b, h = args.batch, args.size // policy.vae_scale_factor
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> float:
     prompts = [f"prompt {i}" for i in range(b)]
     x0 = torch.randn(b, 4, h, h, generator=g)
     R, alpha = torch.rand(b, h, h, generator=g), torch.rand(b, generator=g)
-    batch = {"prompts": prompts, "x0": x0, "R": R, "alpha": alpha}
+    batch = TrainBatch(prompts, x0, R, alpha)
 
     # ---- bare loop: same model, same math, no framework around it
     params = policy.trainable_parameters()

@@ -14,8 +14,9 @@ last quarter of its steps. Evaluation samples with `policy.eval_guidance_scale` 
     python bench/learning.py --seeds 1 --steps 10 --eval-seeds 1   # a quick look
     python bench/learning.py --sample-from base   # train on a frozen base's samples (the paper's recipe)
 
-The in-process loop uses the same library pieces as the online service (policy, judge, regions, scorer,
-reward map, learner); only the Ray plumbing is left out so that 24 runs fit in minutes.
+Each arm runs the in-process reference loop (:func:`srum.local.run_local`: the same generate / score /
+collate / train functions the service's actors wrap); only the Ray plumbing is left out so that 24 runs
+fit in minutes.
 Ends with `RESULT` lines (targets from the issue: SRUM >= base + 10 points; SRUM > self-SFT; SRUM's
 training reward rises more than self-SFT's).
 """
@@ -23,10 +24,8 @@ training reward rises more than self-SFT's).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import multiprocessing
-import random
 import statistics
 import sys
 import time
@@ -38,15 +37,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.config import SRUMConfig, load_config  # noqa: E402
-from cluster.prompt_sets import load_prompts  # noqa: E402
-from learner.learner import Learner  # noqa: E402
-from learner.policy import Policy  # noqa: E402
-from rewards.judge import make_judge  # noqa: E402
-from rewards.regions import make_proposer  # noqa: E402
-from rewards.scorer import SampleScorer  # noqa: E402
+from core.config import SRUMConfig  # noqa: E402
+from core.config_io import load_config  # noqa: E402
 from shapes import evaluator  # noqa: E402
-from shapes.world import parse_prompt  # noqa: E402
+from shapes.world import parse_prompt, prompt_records  # noqa: E402
+from srum.local import run_local  # noqa: E402
+from srum.registry import compose  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "default.yaml"
@@ -86,60 +82,38 @@ def evaluate(policy, prompts: list[str], eval_seeds: int, seed: int, guidance: f
     return acc
 
 
-def train_arm(arm: str, cfg: SRUMConfig, policy, train_prompts: list[str], steps: int,
-              sampler=None) -> dict[str, float]:
-    """`steps` learner steps of `learner.batch_size` fresh samples each, drawn by `sampler` (default: the
-    policy being trained, i.e. on-policy; a frozen copy of the base gives the paper's recipe, where the
-    base generates and the model then trains on its samples). Every arm's samples are judged (self-SFT
-    ignores the scores) so that the training reward of the first and last quarter of the run can be
-    compared across arms."""
-    sampler = policy if sampler is None else sampler
-    learner = Learner(cfg, policy)
-    judge = make_judge(cfg.judge)
-    scorer = SampleScorer(judge, make_proposer(cfg.regions, judge=judge), cfg.reward)
-    rng = random.Random(cfg.run.seed)
-    n, dropped, g_by_step = cfg.learner.batch_size, 0, []
-    for step in range(steps):
-        prompts = [rng.choice(train_prompts) for _ in range(n)]
-        seeds = [cfg.run.seed * 1_000_003 + step * n + j for j in range(n)]
-        batch = sampler.sample(prompts, seeds)
-        h, w = batch.x0.shape[-2:]
-        scored = asyncio.run(scorer.score_many(list(batch.images.numpy()), prompts, (h, w)))
-        g_by_step.append([s.global_score for s in scored if s.global_score is not None])
-        if arm == "self_sft":  # its own samples, uniform weight
-            R, alpha, keep = torch.ones(n, h, w), torch.ones(n), list(range(n))
-        else:
-            keep = [i for i, s in enumerate(scored) if not (s.drop or s.failed)]
-            dropped += n - len(keep)
-            if not keep:
-                continue
-            R = torch.stack([scored[i].R_latent for i in keep])
-            alpha = torch.tensor([scored[i].alpha for i in keep], dtype=torch.float32)
-        learner.train_step({"prompts": [prompts[i] for i in keep], "x0": batch.x0[keep], "R": R, "alpha": alpha})
-    q = max(1, steps // 4)
-
-    def mean_g(rows: list[list[float]]) -> float:
-        xs = [g for row in rows for g in row]
-        return statistics.mean(xs) if xs else float("nan")
-
-    return {"dropped": dropped, "train_reward_first_quarter": mean_g(g_by_step[:q]),
-            "train_reward_last_quarter": mean_g(g_by_step[-q:]), "steps": learner.step}
+def train_arm(arm: str, cfg: SRUMConfig, sample_from: str) -> tuple[object, dict[str, float]]:
+    """``run.max_steps`` learner steps of ``learner.batch_size`` fresh samples each, drawn by the policy being
+    trained (on-policy) or by a frozen copy of the base (``sample_from="base"``, the paper's recipe, where the
+    base generates and the model then trains on its samples). Every arm's samples are judged (self-SFT trains
+    on all of them at weight 1) so that the training reward of the first and last quarter of the run can be
+    compared across arms. Returns the trained policy and the run's figures."""
+    sampler = compose(cfg).policy() if sample_from == "base" else None
+    run = run_local(cfg, sampler=sampler, weighting="uniform" if arm == "self_sft" else "reward")
+    g_by_step = [r["rollout_global_score"] for r in run.steps if r["rollout_global_score"] is not None]
+    q = max(1, len(g_by_step) // 4)
+    return run.policy, {"dropped": run.buffer["dropped_total"] - run.buffer["dropped"].get("released", 0),
+                        "train_reward_first_quarter": statistics.mean(g_by_step[:q]) if g_by_step else float("nan"),
+                        "train_reward_last_quarter": statistics.mean(g_by_step[-q:]) if g_by_step else float("nan"),
+                        "steps": run.learner.step}
 
 
 def run_one(arm: str, seed: int, steps: int, eval_seeds: int, overrides: list[str], sample_from: str = "current") -> dict:
     """One (arm, seed) run in its own process (one torch thread: the runs share the machine's cores)."""
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    cfg = arm_config(arm, seed, overrides)
+    extra = ["cluster.max_staleness=1000000"] if sample_from == "base" else []  # the frozen base stays at v0
+    cfg = arm_config(arm, seed, [*overrides, f"run.max_steps={max(steps, 1)}", "run.eval_every=0", *extra])
     torch.manual_seed(seed)
     np.random.seed(seed)
-    policy = Policy.from_config(cfg.policy, seed=0)  # the same base for every arm and seed
-    train = [p.text for p in load_prompts(REPO / "configs" / "prompts" / "shapes_train.txt")]
-    heldout = [p.text for p in load_prompts(REPO / "configs" / "prompts" / "shapes_heldout.txt")]
+    split = cfg.policy.split_seed
+    train = [p.text for p in prompt_records(split, "train")]
+    heldout = [p.text for p in prompt_records(split, "heldout")]
     info = {}
-    if arm != "base":
-        sampler = Policy.from_config(cfg.policy, seed=0) if sample_from == "base" else policy  # a frozen copy
-        info = train_arm(arm, cfg, policy, train, steps, sampler)
+    if arm == "base":
+        policy = compose(cfg).policy()  # the same base for every arm and seed
+    else:
+        policy, info = train_arm(arm, cfg, sample_from)
     g = cfg.policy.eval_guidance_scale
     acc = evaluate(policy, heldout, eval_seeds, seed, g)
     # a fixed quarter of the training prompts: did the arm learn what it trained on, whatever the transfer?
@@ -162,9 +136,7 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every arm")
     args = ap.parse_args()
     cfg0 = load_config(CONFIG, args.overrides)
-    from shapes.pretrain import pretrain_base, settings_from_config
-
-    pretrain_base(*settings_from_config(cfg0.policy))  # once, before the workers start
+    compose(cfg0).prepare()  # pretrain the base once, before the workers start
     print(f"shapes world: {args.seeds} seeds x {args.steps} steps x batch {cfg0.learner.batch_size} per arm, "
           f"samples from the {args.sample_from} policy; "
           f"eval {args.eval_seeds} images per held-out prompt; {args.jobs} runs at a time", flush=True)

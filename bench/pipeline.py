@@ -1,12 +1,12 @@
-"""Benchmark: the online Ray loop vs the same work done sequentially, pipeline efficiency, weight sync.
+"""Benchmark: the online Ray loop vs the same work done sequentially, and pipeline efficiency.
 
 Side by side in one run, tiny models on CPU (issue 5, "Benchmarks"):
 
 1. **Online vs sequential** samples trained per second. *Online*: the real :class:`cluster.driver.Driver`
    (sampler, scorer and learner actors, replay buffer, weight store) on a local Ray bound to 127.0.0.1.
-   *Sequential*: one process, one policy, a plain loop ``Policy.sample -> SampleScorer.score_many ->
-   Learner.train_step`` with the same library classes, config, batch sizes and prompts, at the
-   faster torch thread count (default or 1, probed before each run: two OpenMP threads collapse when
+   *Sequential*: the in-process reference loop (:func:`srum.local.run_local`: generate -> score ->
+   buffer -> collate -> train, the same functions the actors wrap) with the same config, batch sizes
+   and prompts, at the faster torch thread count (default or 1, probed before each run: two OpenMP threads collapse when
    another process holds one of the two cores; the actors run one thread each). Two
    scenarios: ``lat200`` (``judge.backend=openai`` against the tests' fake OpenAI server in a child
    process that sleeps 200 ms per request) and ``nolat`` (the in-process tiny transformers judge).
@@ -14,9 +14,9 @@ Side by side in one run, tiny models on CPU (issue 5, "Benchmarks"):
 2. **Pipeline efficiency**: online trained/s divided by the slowest stage's rate measured alone with
    the same actors, options and in-flight bounds as the driver uses (samplers alone, scorers alone
    fed pre-generated batches, learner host alone fed a pre-filled replay buffer). Target >= 0.85.
-3. **Weight sync**: ``publish_state`` + ``maybe_sync`` into 2 sampler actors (wall time until both
-   loaded the new version) divided by one in-process ``load_trainable_state`` of the same tensors into
-   a second policy; full fine-tuning and LoRA (``policy.lora_rank=8``). Target <= 3.
+(Weight sync has its own benchmark, ``bench/weight_sync.py``.) The driver's own CPU time per learner
+batch is printed with every online run (``driver cpu/batch``), the figure that shows what the driver
+costs.
 
 Steady state only: online and sequential rates are measured between the ``--warmup``-th learner step
 and the last one (driver ``metrics.jsonl`` timestamps for the online loop), so actor start-up, model
@@ -47,7 +47,6 @@ os.environ.pop("RAY_ADDRESS", None)  # always our own local cluster, never someo
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
-import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
@@ -64,7 +63,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 from _pipeline_util import (  # noqa: E402
@@ -76,34 +74,26 @@ from _pipeline_util import (  # noqa: E402
     read_train_points,
     steady_rate,
 )
-from PIL import Image  # noqa: E402
 
 from actors.learner_host import LearnerHost  # noqa: E402
 from actors.sampler import SamplerActor  # noqa: E402
 from actors.scorer import ScorerActor  # noqa: E402
-from cluster.buffer import ReplayBuffer  # noqa: E402
-from cluster.config import SRUMConfig, load_config  # noqa: E402
-from cluster.driver import NAMESPACE, Driver, PromptCycler  # noqa: E402
-from cluster.prompt_sets import load_prompt_source  # noqa: E402
-from cluster.records import BufferEntry, SampleMeta, new_sample_id  # noqa: E402
-from cluster.weights import WeightStore, maybe_sync, publish_state, state_nbytes  # noqa: E402
-from learner.learner import Learner  # noqa: E402
-from learner.policy import Policy  # noqa: E402
-from rewards.judge import make_judge  # noqa: E402
-from rewards.regions import make_proposer  # noqa: E402
-from rewards.scorer import SampleScorer  # noqa: E402
+from actors.weights import WeightStore  # noqa: E402
+from cluster.control import NAMESPACE  # noqa: E402
+from cluster.driver import Driver  # noqa: E402
+from core.config import SRUMConfig  # noqa: E402
+from core.config_io import load_config  # noqa: E402
+from core.prompt_sets import PromptCycler  # noqa: E402
+from core.records import TrainSample, new_sample_id  # noqa: E402
+from srum.local import run_local  # noqa: E402
+from srum.registry import compose  # noqa: E402
 
 CONFIG = ROOT / "configs" / "tiny_sd3.yaml"  # tiny SD3 policy, tiny transformers judge, tiny SAM
 TARGETS = {
     "pipeline_speedup_latency200ms": (">=", 3.0),
     "pipeline_speedup_nolatency": (">=", 1.0),
     "pipeline_efficiency": (">=", 0.85),
-    "weight_sync_ratio_full": ("<=", 3.0),
-    "weight_sync_ratio_lora": ("<=", 3.0),
 }
-SAMPLER_IN_FLIGHT = 2  # per actor, as cluster/driver.py's ActorPool for samplers
-SCORER_IN_FLIGHT = 4  # per actor, as cluster/driver.py's ActorPool for scorers
-SCORER_CONCURRENCY = 8  # max_concurrency of scorer actors in cluster/driver.py
 
 
 def log(msg: str) -> None:
@@ -161,7 +151,7 @@ def choose_threads(cfg: SRUMConfig, reps: int = 3) -> tuple[int, dict[int, float
     """The faster torch thread count for the sequential baseline, from ``reps`` timed ``Policy.sample``
     batches at the default count and at 1 (after one warm-up each). Two OpenMP threads on two cores
     are faster on an idle machine and many times slower when another process holds a core."""
-    policy = Policy.from_config(cfg.policy, seed=cfg.run.seed)
+    policy = compose(cfg).policy()
     prompts = [f"probe prompt {i}" for i in range(cfg.cluster.sample_batch_size)]
     prev, timings = torch.get_num_threads(), {}
     try:
@@ -179,55 +169,22 @@ def choose_threads(cfg: SRUMConfig, reps: int = 3) -> tuple[int, dict[int, float
     return min(timings, key=timings.get), timings
 
 
-def _run_sequential(cfg: SRUMConfig, warmup: int, steps: int, max_seconds: float = 60.0) -> dict[str, Any]:
-    policy = Policy.from_config(cfg.policy, seed=cfg.run.seed)
-    learner = Learner(cfg, policy)
-    judge = make_judge(cfg.judge)
-    scorer = SampleScorer(judge, make_proposer(cfg.regions, judge=judge), cfg.reward)
-    prompts = PromptCycler(load_prompt_source(cfg.cluster.prompts, cfg.run.seed), cfg.run.seed,
-                           cfg.cluster.prompts.shuffle)
-    n, bs = cfg.cluster.sample_batch_size, cfg.learner.batch_size
-    points: list[tuple[float, float]] = []
-    stage = {"sample": [], "score": [], "train": []}
-
-    async def loop() -> None:
-        check = getattr(judge, "check_health", None)
-        if check is not None:
-            await check()
-        pending: list[tuple[str, torch.Tensor, torch.Tensor, float]] = []
-        trained = 0
-        deadline = time.monotonic() + max_seconds  # a bound for a badly contended machine
-        while len(points) < warmup + steps + 1 and not (time.monotonic() > deadline and len(points) >= warmup + 2):
-            recs, seeds = prompts.take(n)
-            texts = [r.text for r in recs]
-            t0 = time.perf_counter()
-            batch = policy.sample(texts, seeds)
-            t1 = time.perf_counter()
-            images = [Image.fromarray(np.asarray(a, dtype=np.uint8)) for a in batch.images.numpy()]
-            scored = await scorer.score_many(images, texts, tuple(batch.x0.shape[-2:]))
-            t2 = time.perf_counter()
-            pending += [(texts[i], batch.x0[i], s.R_latent, float(s.alpha))
-                        for i, s in enumerate(scored) if not (s.drop or s.failed)]
-            while len(pending) >= bs:
-                take, pending = pending[:bs], pending[bs:]
-                learner.train_step({"prompts": [p[0] for p in take], "x0": torch.stack([p[1] for p in take]),
-                                    "R": torch.stack([p[2] for p in take]),
-                                    "alpha": torch.tensor([p[3] for p in take], dtype=torch.float32)})
-                trained += bs
-                points.append((time.time(), float(trained)))
-            t3 = time.perf_counter()
-            for k, dt in (("sample", t1 - t0), ("score", t2 - t1), ("train", t3 - t2)):
-                stage[k].append(dt)
-        close = getattr(judge, "aclose", None)
-        if close is not None:
-            await close()
-
+def _run_sequential(cfg: SRUMConfig, warmup: int, steps: int) -> dict[str, Any]:
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.max_steps = warmup + steps + 1
     with CpuMonitor() as cpu:
-        asyncio.run(loop())
+        run = run_local(cfg)
+    points, trained = [], 0.0
+    for r in run.steps:
+        trained += r["samples"]
+        points.append((r["time"], trained))
     rate, counted, seconds = steady_rate(points, warmup)
-    skip = warmup + 1
+    kept = run.steps[warmup + 1:] or run.steps
+    per_batch = len(kept) * cfg.learner.batch_size / cfg.cluster.sample_batch_size
     return {"rate": rate, "counted": counted, "seconds": seconds,
-            "stage_s": {k: median(v[skip:] or v) for k, v in stage.items()},
+            "stage_s": {"sample": sum(r["sample_s"] for r in kept) / per_batch,
+                        "score": sum(r["score_s"] for r in kept) / per_batch,
+                        "train": median([r["train_s"] for r in kept])},
             "cpu": cpu.usage(points[warmup][0], points[-1][0])}
 
 
@@ -238,18 +195,20 @@ def run_online(cfg: SRUMConfig, warmup: int, steps: int, log_path: Path) -> dict
     cfg.run.max_steps = warmup + steps + 1
     t0 = time.monotonic()
     with open(log_path, "a", encoding="utf-8") as out, contextlib.redirect_stdout(out), CpuMonitor() as cpu:
-        driver = Driver(cfg)
+        driver = Driver(cfg, compose(cfg))
         try:
             status = driver.run()
         finally:
-            kill(*(getattr(driver, a) for a in ("learner", "buffer", "store") if hasattr(driver, a)))
+            kill(*(h for h in (driver.learner, driver.store) if h is not None))
     points = read_train_points(driver.run_dir / "metrics.jsonl")
     rate, counted, seconds = steady_rate(points, warmup)
     buf = status["buffer"]
+    usage = cpu.usage(points[warmup][0], points[-1][0])
+    batches = counted / cfg.learner.batch_size
     return {"rate": rate, "counted": counted, "seconds": seconds, "wall_s": time.monotonic() - t0,
             "dropped": dict(buf.get("dropped", {})), "generated": buf.get("generated"),
             "trained": buf.get("trained"), "max_lag": status.get("max_lag"), "invariant_ok": status["invariant_ok"],
-            "cpu": cpu.usage(points[warmup][0], points[-1][0])}
+            "cpu": usage, "driver_cpu_per_batch": usage.get("driver", 0.0) * seconds / max(batches, 1e-9)}
 
 
 # ---------------------------------------------------------------------------------- stages alone
@@ -270,32 +229,34 @@ def _drive(submit: Any, total: int, cap: int, on_done: Any) -> list[float]:
 
 
 def stage_samplers(cfg: SRUMConfig, warmup: int, batches: int) -> tuple[dict[str, Any], list[Any]]:
-    """Sampler actors alone, as the driver creates and feeds them. Returns the rate and some batch refs."""
-    c, res = cfg.cluster, cfg.cluster.sampler_resources
+    """Sampler actors alone, as the driver creates and feeds them. Returns the rate and some
+    (header, batch ref) pairs for the scorers."""
+    c, res, parts = cfg.cluster, cfg.cluster.sampler_resources, compose(cfg)
     store = ray.remote(WeightStore).options(num_cpus=0).remote()
     actors = [ray.remote(SamplerActor).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote(
-        cfg, f"sampler-{i}", store) for i in range(c.num_samplers)]
+        parts, f"sampler-{i}", store) for i in range(c.num_samplers)]
     ray.get([a.ping.remote() for a in actors])
-    prompts = PromptCycler(load_prompt_source(c.prompts, cfg.run.seed), cfg.run.seed, c.prompts.shuffle)
+    prompts = PromptCycler(parts.train_prompts(), cfg.run.seed, c.prompts.shuffle)
     load = [0] * len(actors)
-    owner: dict[Any, int] = {}
+    owner: dict[Any, tuple[int, Any]] = {}
     kept: list[Any] = []
 
     def submit() -> Any:
         i = min(range(len(actors)), key=lambda k: load[k])
         recs, seeds = prompts.take(c.sample_batch_size)
-        ref = actors[i].sample.remote(recs, seeds)
-        owner[ref] = i
+        header_ref, batch_ref = actors[i].sample.options(num_returns=2).remote(recs, seeds)
+        owner[header_ref] = (i, batch_ref)
         load[i] += 1
-        return ref
+        return header_ref
 
     def done(ref: Any) -> None:
-        load[owner.pop(ref)] -= 1
-        ray.get(ref)
+        i, batch_ref = owner.pop(ref)
+        load[i] -= 1
+        header = ray.get(ref)
         if len(kept) < 8:
-            kept.append(ref)
+            kept.append((header, batch_ref))
 
-    cap = min(SAMPLER_IN_FLIGHT * len(actors), c.max_in_flight_batches)
+    cap = min(c.sampler_calls_in_flight * len(actors), c.max_in_flight_batches)
     times = _drive(submit, warmup + cap * max(1, math.ceil(batches / cap)) + 1, cap, done)
     kill(*actors, store)
     n = c.sample_batch_size
@@ -304,158 +265,76 @@ def stage_samplers(cfg: SRUMConfig, warmup: int, batches: int) -> tuple[dict[str
     return {"rate": rate, "counted": counted, "seconds": seconds, "in_flight": cap}, kept
 
 
-def stage_scorers(cfg: SRUMConfig, inputs: list[Any], warmup: int, batches: int) -> tuple[dict[str, Any], list]:
-    """Scorer actors alone, fed pre-generated sampler outputs. Returns the rate and (meta, record ref) pairs."""
-    c, res = cfg.cluster, cfg.cluster.scorer_resources
+def stage_scorers(cfg: SRUMConfig, inputs: list[Any], warmup: int,
+                  batches: int) -> tuple[dict[str, Any], list[TrainSample]]:
+    """Scorer actors alone, fed pre-generated sampler outputs. Returns the rate and trainable samples
+    (tensors by reference)."""
+    c, res, parts = cfg.cluster, cfg.cluster.scorer_resources, compose(cfg)
     actors = [ray.remote(ScorerActor).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
-                                              max_concurrency=SCORER_CONCURRENCY).remote(cfg, f"scorer-{i}")
+                                              max_concurrency=c.scorer_concurrency).remote(parts, f"scorer-{i}")
               for i in range(c.num_scorers)]
     ray.get([a.start.remote() for a in actors])
     n = c.sample_batch_size
     load = [0] * len(actors)
     owner: dict[Any, tuple[int, list[Any]]] = {}
-    records: list[tuple[dict[str, Any], Any]] = []
+    samples: list[TrainSample] = []
     counter = [0]
 
     def submit() -> Any:
         i = min(range(len(actors)), key=lambda k: load[k])
-        refs = actors[i].score_batch.options(num_returns=1 + n).remote(inputs[counter[0] % len(inputs)])
+        header, batch_ref = inputs[counter[0] % len(inputs)]
         counter[0] += 1
-        owner[refs[0]] = (i, refs[1:])
+        summary_ref, *tensor_refs = actors[i].score.options(num_returns=1 + n).remote(header, batch_ref)
+        owner[summary_ref] = (i, tensor_refs)
         load[i] += 1
-        return refs[0]
+        return summary_ref
 
     def done(ref: Any) -> None:
-        i, rec_refs = owner.pop(ref)
+        i, tensor_refs = owner.pop(ref)
         load[i] -= 1
         summary = ray.get(ref)
-        if len(records) < 32:
-            records.extend((m, r) for m, r in zip(summary["metas"], rec_refs, strict=True) if not m["drop"])
+        if len(samples) < 32:
+            samples.extend(TrainSample(r, t) for r, t in zip(summary.records, tensor_refs, strict=True) if not r.dropped)
 
-    cap = min(SCORER_IN_FLIGHT * len(actors), c.max_in_flight_batches)
+    cap = min(c.scorer_calls_in_flight * len(actors), c.max_in_flight_batches)
     times = _drive(submit, warmup + cap * max(1, math.ceil(batches / cap)) + 1, cap, done)
     kill(*actors)
     points = generation_window([(t, (k + 1) * n) for k, t in enumerate(times)], warmup, cap)
     rate, counted, seconds = steady_rate(points, warmup)
-    return {"rate": rate, "counted": counted, "seconds": seconds, "in_flight": cap}, records
+    return {"rate": rate, "counted": counted, "seconds": seconds, "in_flight": cap}, samples
 
 
-def stage_learner(cfg: SRUMConfig, records: list[tuple[dict[str, Any], Any]], warmup: int, steps: int,
+def stage_learner(cfg: SRUMConfig, samples: list[TrainSample], warmup: int, steps: int,
                   run_dir: Path) -> dict[str, Any]:
-    """The learner host alone, one ``run(1)`` call per step as the driver makes them, drawing from a replay
-    buffer refilled (untimed) with real scored records every ``max_staleness`` steps."""
-    c, res, bs = cfg.cluster, cfg.cluster.learner_resources, cfg.learner.batch_size
-    if not records:
-        raise RuntimeError("no scored records to train on (every scored sample was dropped)")
-    buffer = ray.remote(ReplayBuffer).options(num_cpus=0).remote(c.buffer_capacity, c.max_staleness,
-                                                                 c.recency_bias, cfg.run.seed)
+    """The learner host alone, one ``train`` call of one batch per step as the driver makes them, fed real
+    scored samples (tensors by reference) relabelled with fresh ids at the learner's version."""
+    res, bs = cfg.cluster.learner_resources, cfg.learner.batch_size
+    if not samples:
+        raise RuntimeError("no scored samples to train on (every scored sample was dropped)")
     store = ray.remote(WeightStore).options(num_cpus=0).remote()
     host = ray.remote(LearnerHost).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote(
-        cfg, str(run_dir), buffer, store)
+        compose(cfg), str(run_dir), store)
     version = 0
     ray.get(host.ping.remote())
-    chunk = max(1, min(c.max_staleness, c.buffer_capacity // bs))
     busy, trained, points, k = 0.0, 0.0, [], 0
     while len(points) < warmup + steps + 1:
-        entries = []
-        for _ in range(chunk * bs):
-            meta, ref = records[k % len(records)]
+        batch = []
+        for _ in range(bs):
+            s = samples[k % len(samples)]
             k += 1
-            entries.append(BufferEntry(meta=SampleMeta(**{**meta, "sample_id": new_sample_id("bench", version),
-                                                          "policy_version": version}), ref=ref))
-        ray.get(buffer.add.remote(entries))
-        for _ in range(chunk):
-            t0 = time.perf_counter()
-            out = ray.get(host.run.remote(1, 5.0))
-            busy += time.perf_counter() - t0
-            if not out:
-                raise RuntimeError("learner host trained nothing from a filled buffer")
-            trained += sum(s["samples"] for s in out)
-            version = int(out[-1]["policy_version"])
-            points.append((busy, trained))
-    kill(host, buffer, store)
+            rec = s.record.model_copy(update={"sample_id": new_sample_id("bench", version), "policy_version": version})
+            batch.append(TrainSample(rec, s.tensors))
+        t0 = time.perf_counter()
+        result = ray.get(host.train.remote([batch]))
+        busy += time.perf_counter() - t0
+        if not result.steps:
+            raise RuntimeError(f"learner host trained nothing from a full batch (lost {result.lost})")
+        trained += sum(st["samples"] for st in result.steps)
+        version = int(result.steps[-1]["policy_version"])
+        points.append((busy, trained))
+    kill(host, store)
     rate, counted, seconds = steady_rate(points, warmup)
     return {"rate": rate, "counted": counted, "seconds": seconds}
-
-
-# ------------------------------------------------------------------------------------ weight sync
-class BenchSampler(SamplerActor):
-    """The real sampler actor plus ``sync_now()``: exactly the sync it runs before every batch."""
-
-    def sync_now(self) -> dict[str, Any]:
-        before = self.counts["syncs"]
-        self._sync()
-        return {"version": self.version, "synced": self.counts["syncs"] > before}
-
-
-class StateHolder:
-    """A sampler stand-in holding an arbitrary state dict (for the INFO size sweep only)."""
-
-    def __init__(self, shapes: dict[str, tuple[int, ...]], store: Any):
-        self.state = {k: torch.zeros(s) for k, s in shapes.items()}
-        self.store, self.version = store, -1
-
-    @torch.no_grad()
-    def load(self, state: dict[str, torch.Tensor], version: int) -> None:
-        for k, p in self.state.items():
-            p.copy_(state[k])
-
-    def sync_now(self) -> dict[str, Any]:
-        res = maybe_sync(self.store, self.version, self.load)
-        self.version = int(res)
-        return {"version": self.version, "synced": res.synced}
-
-
-def _sync_loop(store: Any, receivers: list[Any], state: dict[str, torch.Tensor], local_load: Any,
-               warmup: int, reps: int) -> dict[str, Any]:
-    t_local, t_remote, t_publish = [], [], []
-    for r in range(warmup + reps):
-        v = r + 1
-        t0 = time.perf_counter()
-        local_load(state, v)
-        t1 = time.perf_counter()
-        publish_state(store, v, state)
-        t2 = time.perf_counter()
-        res = ray.get([s.sync_now.remote() for s in receivers])
-        t3 = time.perf_counter()
-        if not all(x["synced"] and x["version"] == v for x in res):
-            raise RuntimeError(f"a sampler did not load version {v}: {res}")
-        if r >= warmup:
-            t_local.append(t1 - t0)
-            t_remote.append(t3 - t1)
-            t_publish.append(t2 - t1)
-    return {"local_s": median(t_local), "remote_s": median(t_remote), "publish_s": median(t_publish),
-            "ratio": median(t_remote) / median(t_local), "nbytes": state_nbytes(state)}
-
-
-def bench_weight_sync(cfg: SRUMConfig, warmup: int, reps: int) -> dict[str, Any]:
-    """publish_state + maybe_sync into 2 real sampler actors vs one in-process load_trainable_state."""
-    res = cfg.cluster.sampler_resources
-    store = ray.remote(WeightStore).options(num_cpus=0).remote()
-    samplers = [ray.remote(BenchSampler).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote(
-        cfg, f"sync-{i}", store) for i in range(2)]
-    ray.get([s.ping.remote() for s in samplers])
-    src = Policy.from_config(cfg.policy, seed=cfg.run.seed)
-    dst = Policy.from_config(cfg.policy, seed=cfg.run.seed + 1)
-    _, state = src.trainable_state()
-    try:
-        return _sync_loop(store, samplers, state, dst.load_trainable_state, warmup, reps)
-    finally:
-        kill(*samplers, store)
-
-
-def bench_sync_size(nbytes: int, n_tensors: int, warmup: int, reps: int, num_cpus: float) -> dict[str, Any]:
-    """Same publish/sync path for a synthetic float32 state of ``nbytes`` (INFO: fixed vs per-byte cost)."""
-    per = max(1, nbytes // 4 // n_tensors)
-    shapes = {f"w{i}": (per,) for i in range(n_tensors)}
-    state = {k: torch.randn(s) for k, s in shapes.items()}
-    local = StateHolder(shapes, None)
-    store = ray.remote(WeightStore).options(num_cpus=0).remote()
-    holders = [ray.remote(StateHolder).options(num_cpus=num_cpus).remote(shapes, store) for _ in range(2)]
-    try:
-        return _sync_loop(store, holders, state, local.load, warmup, reps)
-    finally:
-        kill(*holders, store)
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -483,8 +362,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--scorers", type=int, default=1)
     ap.add_argument("--in-flight", type=int, default=4, help="cluster.max_in_flight_batches")
     ap.add_argument("--batch", type=int, default=4, help="sample and learner batch size")
-    ap.add_argument("--sync-reps", type=int, default=30)
-    ap.add_argument("--sync-sizes-mb", default="1,16,64", help="INFO sweep of synthetic state sizes ('' = off)")
     ap.add_argument("--efficiency-scenario", default="lat200", choices=["lat200", "nolat"])
     ap.add_argument("--scenarios", default="lat200,nolat")
     ap.add_argument("--num-cpus", type=float, default=4)
@@ -495,7 +372,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tries", type=int, default=2, help="attempts per measurement under contention")
     ap.add_argument("--keep-outputs", action="store_true", help="keep the temporary run directory")
     ap.add_argument("--skip-stages", action="store_true", help="no stage-alone runs (no efficiency figure)")
-    ap.add_argument("--skip-sync", action="store_true", help="no weight-sync figures")
     return ap.parse_args(argv)
 
 
@@ -544,7 +420,8 @@ def compare(args: argparse.Namespace, scenario: str, cfg: SRUMConfig, driver_log
                 onl.append(r["rate"])
                 log(f"   rep {rep} online:           {r['rate']:.2f} samples/s ({r['counted']:.0f} in "
                     f"{r['seconds']:.1f} s; run wall {r['wall_s']:.1f} s; generated {r['generated']} trained "
-                    f"{r['trained']} dropped {r['dropped']} max_lag {r['max_lag']} invariant_ok {r['invariant_ok']})")
+                    f"{r['trained']} dropped {r['dropped']} max_lag {r['max_lag']} invariant_ok {r['invariant_ok']}; "
+                    f"driver cpu/batch {r['driver_cpu_per_batch'] * 1e3:.1f} ms)")
             others.append(r["cpu"].get("others", float("nan")))
             contended |= r["contended"]
             log(f"      CPU cores: {format_usage(r['cpu'])}")
@@ -555,29 +432,13 @@ def stages_alone(args: argparse.Namespace, scenario: str, cfg: SRUMConfig, out_d
     """Rates (samples/s) of the sampler, scorer and learner stages, each alone."""
     sb = args.stage_batches
     s_res, inputs = stage_samplers(cfg, args.warmup, sb)
-    c_res, records = stage_scorers(cfg, inputs, args.warmup, sb)
-    l_res = stage_learner(cfg, records, args.warmup, sb, out_dir / f"learner-alone-{scenario}")
+    c_res, samples = stage_scorers(cfg, inputs, args.warmup, sb)
+    l_res = stage_learner(cfg, samples, args.warmup, sb, out_dir / f"learner-alone-{scenario}")
     rates = {"sampler": s_res["rate"], "scorer": c_res["rate"], "learner": l_res["rate"]}
     log(f"   stages alone (samples/s): samplers x{cfg.cluster.num_samplers} {rates['sampler']:.2f} "
         f"(in flight {s_res['in_flight']}), scorers x{cfg.cluster.num_scorers} {rates['scorer']:.2f} "
         f"(in flight {c_res['in_flight']}), learner {rates['learner']:.2f}")
     return rates
-
-
-def weight_sync(args: argparse.Namespace, out_dir: Path, results: dict[str, float]) -> None:
-    log("\n== weight sync: publish_state + maybe_sync into 2 sampler actors vs in-process load_trainable_state")
-    cfg = None
-    for lora, name in ((0, "weight_sync_ratio_full"), (8, "weight_sync_ratio_lora")):
-        cfg = scenario_config(args, "nolat", out_dir, None, [f"policy.lora_rank={lora}"])
-        r = bench_weight_sync(cfg, 3, args.sync_reps)
-        results[name] = r["ratio"]
-        log(f"   {'LoRA r=8' if lora else 'full FT '}: {r['nbytes'] / 1e6:.3f} MB; 2 samplers "
-            f"{r['remote_s'] * 1e3:.2f} ms (of which publish {r['publish_s'] * 1e3:.2f} ms) vs in-process "
-            f"{r['local_s'] * 1e3:.3f} ms -> ratio {r['ratio']:.1f} (medians of {args.sync_reps})")
-    for mb in [float(x) for x in args.sync_sizes_mb.split(",") if x]:
-        r = bench_sync_size(int(mb * 1e6), 16, 2, 7, cfg.cluster.sampler_resources.num_cpus)
-        log(f"   INFO synthetic {mb:g} MB float32 (16 tensors), same path: 2 samplers {r['remote_s'] * 1e3:.2f} ms "
-            f"(publish {r['publish_s'] * 1e3:.2f} ms) vs in-process {r['local_s'] * 1e3:.2f} ms -> ratio {r['ratio']:.2f}")
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -630,15 +491,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     results["pipeline_efficiency"] = onl / rates[slowest]
                     if cont or stage_others > args.contention_limit:
                         contended.add("pipeline_efficiency")
-            if not args.skip_sync:
-                with CpuMonitor() as cpu:
-                    t0 = time.time()
-                    weight_sync(args, out_dir, results)
-                sync_others = cpu.usage(t0, time.time()).get("others", 0.0)
-                others.append(sync_others)
-                log(f"   (other processes used {sync_others:.2f} cores during the weight-sync runs)")
-                if sync_others > args.contention_limit:
-                    contended.update({"weight_sync_ratio_full", "weight_sync_ratio_lora"})
         finally:
             ray.shutdown()
     load1 = os.getloadavg()

@@ -1,22 +1,21 @@
-"""Replay buffer of scored samples: object references plus exact accounting.
+"""Replay buffer of scored samples: records by value, tensors by object reference, exact accounting.
 
-:class:`ReplayBuffer` is a plain class; ``cluster/`` makes it a Ray actor
-(``ray.remote(ReplayBuffer).options(num_cpus=0, ...)``). It stores :class:`~cluster.records.BufferEntry`
-objects — metadata by value and an ``ObjectRef`` to the tensors — so tensors never pass through
-the actor by value (refs nested in a list argument are not resolved by Ray).
+:class:`ReplayBuffer` is a plain class that lives in the driver (it only holds
+:class:`~core.records.TrainSample` s, whose tensors are refs the driver owns), so adding and drawing
+are local calls; the in-process loop uses it with tensors by value (``require_refs=False``).
 
-Accounting. Every sample the scorers finish is *generated*: it is either added (``add``) or
-reported as dropped before entering (``record_drop``, e.g. ``judge_failed``, ``zero_global``). At
-any time::
+Accounting. Every sample the scorers finish is *generated*: it is either added (:meth:`add`; a sample
+whose record carries a drop reason is counted dropped by that reason) or reported as dropped before
+it could be scored (:meth:`record_drop`, e.g. ``scorer_failed``). At any time::
 
     generated == trained + in_buffer + sum(dropped.values())
 
-where ``dropped`` counts by reason: ``stale`` (older than ``max_staleness`` learner versions),
-``evicted`` (FIFO overflow), ``duplicate`` (sample id seen before), the ``drop_reason`` of entries
-added with ``meta.drop`` set, ``lost`` (trained entries whose object could not be fetched, moved
-from ``trained`` by :meth:`ReplayBuffer.mark_lost`), ``released`` (:meth:`ReplayBuffer.release`)
-and whatever reasons ``record_drop`` gets. :meth:`ReplayBuffer.check_invariant` raises
-:class:`AccountingError` when the identity does not hold.
+where ``dropped`` counts by :class:`~core.records.DropReason`: ``stale`` (older than ``max_staleness``
+learner versions), ``evicted`` (FIFO overflow), ``duplicate`` (sample id seen before), the record's own
+reason (``judge_failed``, ``global_score_zero``, ...), ``lost`` (drawn but their tensors could not be
+fetched, moved from ``trained`` by :meth:`mark_lost`), ``released`` (:meth:`release`) and whatever
+:meth:`record_drop` gets. :meth:`check_invariant` raises :class:`AccountingError` when the identity
+does not hold.
 
 Sampling draws WITHOUT replacement (each sample is trained once, then leaves the buffer), uniformly
 or with a recency bias: entry weights ∝ exp(recency_bias · rank / size), rank 0 = oldest insertion.
@@ -33,31 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from cluster.metrics import M_BUFFER_DROPS, M_BUFFER_SIZE, Metrics
-from cluster.records import BufferEntry, SampleMeta
+from core.metrics import Metric, Metrics
+from core.records import DropReason, SampleRecord, TrainSample
 
-__all__ = [
-    "AccountingError",
-    "ReplayBuffer",
-    "resolve_entries",
-    "DROP_STALE",
-    "DROP_EVICTED",
-    "DROP_DUPLICATE",
-    "DROP_LOST",
-    "DROP_RELEASED",
-    "DROP_FLAGGED",
-    "DROP_JUDGE_FAILED",
-    "DROP_ZERO_GLOBAL",
-]
-
-DROP_STALE = "stale"
-DROP_EVICTED = "evicted"
-DROP_DUPLICATE = "duplicate"
-DROP_LOST = "lost"
-DROP_RELEASED = "released"
-DROP_FLAGGED = "flagged"  # meta.drop set without a drop_reason
-DROP_JUDGE_FAILED = "judge_failed"
-DROP_ZERO_GLOBAL = "zero_global"
+__all__ = ["AccountingError", "ReplayBuffer"]
 
 
 class AccountingError(RuntimeError):
@@ -65,15 +43,15 @@ class AccountingError(RuntimeError):
 
 
 class ReplayBuffer:
-    """Bounded FIFO buffer of :class:`BufferEntry` with staleness bound and recency-biased sampling.
+    """Bounded FIFO buffer of :class:`TrainSample` with staleness bound and recency-biased sampling.
 
     Args:
         capacity: maximum entries held; the oldest are evicted (counted ``evicted``) on overflow.
-        max_staleness: an entry is stale when ``learner_version - meta.policy_version > max_staleness``.
+        max_staleness: an entry is stale when ``learner_version - record.policy_version > max_staleness``.
         recency_bias: 0 = uniform; > 0 favours newer entries (weights ∝ exp(bias · rank / size)).
         seed: seed of the sampling generator.
-        require_refs: reject entries whose ``ref`` is not a ``ray.ObjectRef`` (guards against
-            tensors travelling through the actor by value). ``False`` for the in-process path.
+        require_refs: reject trainable samples whose tensors are not a ``ray.ObjectRef`` (guards
+            against tensors held by value in the driver). ``False`` for the in-process loop.
         metrics: record ``srum_buffer_size`` and ``srum_buffer_drops{reason}`` (a no-op without Ray).
     """
 
@@ -99,7 +77,7 @@ class ReplayBuffer:
         self.seed = seed
         self.require_refs = require_refs
         self._rng = np.random.default_rng(seed)
-        self._entries: OrderedDict[str, BufferEntry] = OrderedDict()  # oldest first
+        self._entries: OrderedDict[str, TrainSample] = OrderedDict()  # oldest first
         self._generated = 0
         self._added = 0
         self._trained = 0
@@ -112,51 +90,51 @@ class ReplayBuffer:
         self._metrics = Metrics(enabled=metrics)
 
     # ------------------------------------------------------------------ writes
-    def add(self, entries: Sequence[BufferEntry]) -> int:
+    def add(self, samples: Sequence[TrainSample]) -> int:
         """Add scored samples; returns how many entered the buffer.
 
-        Entries with ``meta.drop`` set are counted as dropped by their ``drop_reason``; entries
-        already stale for the last learner version seen are counted ``stale``; repeated sample ids
-        are counted ``duplicate``. Overflow evicts the oldest entries (``evicted``).
+        A sample whose record carries a drop reason is counted dropped by it; samples already stale for
+        the last learner version seen are counted ``stale``; repeated sample ids ``duplicate``. Overflow
+        evicts the oldest entries (``evicted``).
         """
-        entries = list(entries)
-        for e in entries:  # validate everything first: a bad call changes nothing
+        samples = list(samples)
+        for e in samples:  # validate everything first: a bad call changes nothing
             self._validate(e)
         entered = 0
-        for e in entries:
+        for e in samples:
             self._generated += 1
-            sid = e.meta.sample_id
+            sid = e.sample_id
             if sid in self._seen:
-                self._drop(DROP_DUPLICATE, 1)
+                self._drop(DropReason.DUPLICATE, 1)
                 continue
             self._remember(sid)
-            if e.meta.drop:
-                self._drop(e.meta.drop_reason or DROP_FLAGGED, 1)
+            if e.record.drop_reason is not None:
+                self._drop(e.record.drop_reason, 1)
                 continue
-            if self._is_stale(e.meta.policy_version, self._learner_version):
-                self._drop(DROP_STALE, 1)
+            if self._is_stale(e.policy_version, self._learner_version):
+                self._drop(DropReason.STALE, 1)
                 continue
             self._entries[sid] = e
             self._added += 1
             entered += 1
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)  # the ref is released here
-                self._drop(DROP_EVICTED, 1)
+                self._drop(DropReason.EVICTED, 1)
         self._size_changed()
         return entered
 
-    def record_drop(self, reason: str, n: int = 1) -> None:
-        """Count ``n`` samples that were generated but dropped before entering the buffer."""
-        if not isinstance(reason, str) or not reason:
-            raise ValueError(f"record_drop reason must be a non-empty str, got {reason!r}")
+    def record_drop(self, reason: DropReason, n: int = 1) -> None:
+        """Count ``n`` samples that were generated but dropped before they could be added."""
+        if not isinstance(reason, DropReason):
+            raise ValueError(f"record_drop reason must be a DropReason, got {reason!r}")
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"record_drop n must be an int >= 0, got {n!r}")
         self._generated += n
         self._drop(reason, n)
 
-    def mark_lost(self, n: int, reason: str = DROP_LOST) -> None:
+    def mark_lost(self, n: int, reason: DropReason = DropReason.LOST) -> None:
         """Move ``n`` samples from *trained* to *dropped[reason]*: they were drawn but their
-        objects could not be fetched (owner died, object lost); see :func:`resolve_entries`."""
+        tensors could not be fetched (object lost)."""
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"mark_lost n must be an int >= 0, got {n!r}")
         if n > self._trained:
@@ -167,15 +145,15 @@ class ReplayBuffer:
     def evict_stale(self, learner_version: int) -> int:
         """Drop entries more than ``max_staleness`` versions behind ``learner_version``."""
         self._note_learner_version(learner_version)
-        stale = [sid for sid, e in self._entries.items() if self._is_stale(e.meta.policy_version, learner_version)]
+        stale = [sid for sid, e in self._entries.items() if self._is_stale(e.policy_version, learner_version)]
         for sid in stale:
             del self._entries[sid]
-        self._drop(DROP_STALE, len(stale))
+        self._drop(DropReason.STALE, len(stale))
         if stale:
             self._size_changed()
         return len(stale)
 
-    def sample(self, n: int, learner_version: int, *, min_n: int = 1) -> list[BufferEntry]:
+    def sample(self, n: int, learner_version: int, *, min_n: int = 1) -> list[TrainSample]:
         """Evict stale entries, then draw up to ``n`` entries without replacement.
 
         Returns ``[]`` when fewer than ``min_n`` entries remain (nothing is drawn then). Drawn
@@ -198,7 +176,7 @@ class ReplayBuffer:
         self._size_changed()
         return out
 
-    def release(self, reason: str = DROP_RELEASED) -> int:
+    def release(self, reason: DropReason = DropReason.RELEASED) -> int:
         """Drop every entry (e.g. at shutdown) so Ray can free the objects; counted by ``reason``."""
         n = len(self._entries)
         self._entries.clear()
@@ -211,14 +189,14 @@ class ReplayBuffer:
         """Entries currently held."""
         return len(self._entries)
 
-    def peek(self, k: int = 8) -> list[SampleMeta]:
-        """Metadata of the ``k`` newest entries (newest first), for status and the gallery."""
-        metas = [e.meta for e in reversed(self._entries.values())]
-        return metas[: max(k, 0)]
+    def peek(self, k: int = 8) -> list[SampleRecord]:
+        """Records of the ``k`` newest entries (newest first), for status and the gallery."""
+        records = [e.record for e in reversed(self._entries.values())]
+        return records[: max(k, 0)]
 
     def stats(self) -> dict[str, Any]:
         """Counters and summaries of what is held; see the module docstring for the identity."""
-        metas = [e.meta for e in self._entries.values()]
+        metas = [e.record for e in self._entries.values()]
         scores = [m.global_score for m in metas if m.global_score is not None]
         versions = [m.policy_version for m in metas]
         dropped = dict(sorted(self._dropped.items()))
@@ -254,25 +232,25 @@ class ReplayBuffer:
         return True
 
     # ------------------------------------------------------------------ internals
-    def _drop(self, reason: str, n: int) -> None:
+    def _drop(self, reason: DropReason, n: int) -> None:
         if n:
-            self._dropped[reason] += n
-            self._metrics.inc(M_BUFFER_DROPS, n, reason=reason)
+            self._dropped[DropReason(reason).value] += n
+            self._metrics.inc(Metric.BUFFER_DROPS, n, reason=reason)
 
     def _size_changed(self) -> None:
-        self._metrics.set(M_BUFFER_SIZE, len(self._entries))
+        self._metrics.set(Metric.BUFFER_SIZE, len(self._entries))
 
-    def _validate(self, e: BufferEntry) -> None:
-        if not isinstance(e, BufferEntry):
-            raise TypeError(f"ReplayBuffer.add expects BufferEntry items, got {type(e).__name__}")
-        if self.require_refs:
+    def _validate(self, e: TrainSample) -> None:
+        if not isinstance(e, TrainSample):
+            raise TypeError(f"ReplayBuffer.add expects TrainSample items, got {type(e).__name__}")
+        if self.require_refs and e.record.drop_reason is None:
             import ray
 
-            if not isinstance(e.ref, ray.ObjectRef):
+            if not isinstance(e.tensors, ray.ObjectRef):
                 raise TypeError(
-                    f"BufferEntry {e.meta.sample_id!r} holds a {type(e.ref).__name__}, not a ray.ObjectRef: "
-                    "put the tensors in the object store (cluster.records.make_entry) so they are not copied "
-                    "through the buffer actor, or build the buffer with require_refs=False (in-process path)"
+                    f"sample {e.sample_id!r} holds a {type(e.tensors).__name__}, not a ray.ObjectRef: the driver "
+                    "keeps only references (the scorer returns the tensors as their own objects), or build the "
+                    "buffer with require_refs=False (in-process loop)"
                 )
 
     def _remember(self, sid: str) -> None:
@@ -307,42 +285,3 @@ class ReplayBuffer:
 def _mean(xs: Iterable[float]) -> float | None:
     xs = list(xs)
     return float(sum(xs) / len(xs)) if xs else None
-
-
-def resolve_entries(
-    entries: Sequence[BufferEntry], timeout_s: float | None = None
-) -> tuple[list[tuple[BufferEntry, Any]], list[tuple[BufferEntry, str]]]:
-    """Fetch the objects behind ``entries`` (learner side).
-
-    Returns ``(ok, lost)``: ``ok`` pairs each entry with its fetched value (normally a
-    :class:`~cluster.records.TrainSample`); ``lost`` pairs entries whose object could not be fetched
-    (owner died, object lost, timeout) with the error text. Entries that hold a value rather than a
-    ref (in-process path) are returned as they are. Report ``len(lost)`` to the buffer with
-    :meth:`ReplayBuffer.mark_lost` to keep the accounting exact.
-    """
-    import ray
-    from ray.exceptions import GetTimeoutError, ObjectLostError, RayError
-
-    ok: list[tuple[BufferEntry, Any]] = []
-    lost: list[tuple[BufferEntry, str]] = []
-    refs = [e.ref for e in entries if isinstance(e.ref, ray.ObjectRef)]
-    values: dict[int, Any] = {}
-    try:  # fast path: one call for the whole batch
-        for i, v in enumerate(ray.get(refs, timeout=timeout_s) if refs else []):
-            values[i] = v
-    except (ObjectLostError, GetTimeoutError, RayError):
-        values = {}
-    j = 0
-    for e in entries:
-        if not isinstance(e.ref, ray.ObjectRef):
-            ok.append((e, e.ref))
-            continue
-        if values:
-            ok.append((e, values[j]))
-        else:  # slow path: find the bad ones one by one
-            try:
-                ok.append((e, ray.get(e.ref, timeout=timeout_s)))
-            except (ObjectLostError, GetTimeoutError, RayError) as exc:
-                lost.append((e, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
-        j += 1
-    return ok, lost

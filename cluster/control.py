@@ -46,7 +46,7 @@ MAX_ACTORS = 256
 
 SUBMIT_HINT = (
     "start one with `ray job submit --address http://127.0.0.1:8265 --working-dir . -- "
-    "python -m cluster.main --config configs/default.yaml` (or `srum run`)"
+    "python -m srum.main --config configs/default.yaml` (or `srum run`)"
 )
 
 

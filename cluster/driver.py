@@ -1,61 +1,83 @@
 """The online SRUM loop, driver side: creates the actors, keeps a bounded amount of work in flight,
-routes sampled batches to scorers and scored samples into the replay buffer, keeps the learner busy,
-applies scale requests, reports progress, and stops cleanly (drain, final checkpoint, plots, gallery).
+routes sampled batches (by reference) to scorers and scored samples into the replay buffer, keeps the
+learner busy, applies scale requests, reports progress, and stops cleanly (drain, final checkpoint,
+plots, gallery).
 
-Phases of one loop turn, top to bottom in `_turn`: scale -> submit samples -> submit learner work ->
-wait for anything to finish -> handle it -> report.
+One loop turn, top to bottom in :meth:`Driver._turn`: budget -> scale -> submit samples, scores and
+learner work -> wait for one job to finish -> handle it by its type -> report. Stopping switches the
+same loop into draining: nothing new is sampled or trained, what is in flight is scored, and the loop
+ends when nothing is pending (or ``cluster.drain_timeout_s`` passed: what is left is counted
+``shutdown``).
+
+The driver holds only small values: sample headers, records and object references. Images and latents
+go from a sampler to a scorer by reference; a sample's tensors go from the scorer's return (owned by
+the driver) through the buffer to the learner, which fetches a whole draw with one ``ray.get``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from collections import Counter, deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from actors.learner_host import LearnerHost
+from actors.components import Components
+from actors.learner_host import LearnerHost, LearnResult
 from actors.sampler import SamplerActor
-from actors.scorer import ScorerActor
-from cluster import metrics as M
+from actors.scorer import ScorerActor, ScoreSummary
+from actors.weights import WeightStore
 from cluster.buffer import ReplayBuffer
-from cluster.config import SRUMConfig, config_hash, config_to_yaml
-from cluster.control import get_or_create_controller
+from cluster.control import NAMESPACE, get_or_create_controller
 from cluster.pool import ActorPool
 from cluster.progress import Gallery, ProgressReporter, plot_metrics
-from cluster.prompt_sets import PromptRecord, load_prompt_source
-from cluster.records import BufferEntry, SampleMeta
-from cluster.weights import WeightStore
+from core.config import SRUMConfig
+from core.config_io import config_hash, config_to_yaml
+from core.metrics import Metric, Metrics
+from core.prompt_sets import PromptCycler
+from core.records import DropReason, SampleHeader, TrainSample
 
 log = logging.getLogger("srum.driver")
-NAMESPACE = "srum"
+
+POLL_S = 0.5  # longest wait for a job before the loop turns again (scale requests, budget, report)
+CONTROL_EVERY_S = 1.0  # how often the controller is asked for scale and stop requests
 
 
-class PromptCycler:
-    """Endless, seeded walk over the prompt set (reshuffled each epoch) with a unique seed per image."""
+# ------------------------------------------------------------------------------------------ jobs
+@dataclass(frozen=True)
+class SampleJob:
+    """A sampler is generating a batch; the awaited ref is its header, ``batch`` the images + latents."""
 
-    def __init__(self, prompts: list[PromptRecord], seed: int, shuffle: bool = True):
-        self.prompts, self.shuffle = list(prompts), shuffle
-        self.rng = random.Random(seed)
-        self.order: deque[PromptRecord] = deque()
-        self.counter = seed * 1_000_003
+    actor_id: str
+    batch: Any
 
-    def take(self, n: int) -> tuple[list[PromptRecord], list[int]]:
-        out = []
-        while len(out) < n:
-            if not self.order:
-                epoch = list(self.prompts)
-                if self.shuffle:
-                    self.rng.shuffle(epoch)
-                self.order.extend(epoch)
-            out.append(self.order.popleft())
-        seeds = list(range(self.counter, self.counter + n))
-        self.counter += n
-        return out, seeds
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """A scorer is judging a batch; the awaited ref is its summary, ``tensors`` one ref per image."""
+
+    actor_id: str
+    header: SampleHeader
+    tensors: list[Any]
+
+
+@dataclass(frozen=True)
+class LearnJob:
+    """The learner is training on ``samples`` drawn samples."""
+
+    samples: int
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """The learner is running the world's held-out evaluation."""
+
+
+Job = SampleJob | ScoreJob | LearnJob | EvalJob
 
 
 def connect_ray(cfg: SRUMConfig) -> None:
@@ -77,78 +99,78 @@ def connect_ray(cfg: SRUMConfig) -> None:
 
 
 class Driver:
-    def __init__(self, cfg: SRUMConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: SRUMConfig, components: Components):
+        self.cfg, self.components = cfg, components
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
         self.reporter = ProgressReporter(self.run_dir)
         self.gallery = Gallery(self.run_dir)
-        self.prompts = PromptCycler(load_prompt_source(cfg.cluster.prompts, cfg.run.seed), cfg.run.seed,
-                                    cfg.cluster.prompts.shuffle)
-        self.stop_reason: str | None = None
-        self.pending: dict[Any, tuple[str, str, Any]] = {}  # ref -> (kind, actor_id, payload)
-        self.waiting_for_scorer: deque[tuple[Any, int]] = deque()
-        self.counts: Counter[str] = Counter()
-        self.judge_counters: dict[str, dict[str, Any]] = {}
+        self.prompts = PromptCycler(components.train_prompts(), cfg.run.seed, cfg.cluster.prompts.shuffle)
+        self.buffer = ReplayBuffer(cfg.cluster.buffer_capacity, cfg.cluster.max_staleness, cfg.cluster.recency_bias,
+                                   cfg.run.seed)
+        self.metrics = Metrics()
+        self.pending: dict[Any, Job] = {}
+        self.waiting_for_scorer: deque[tuple[SampleHeader, Any]] = deque()
+        self.counts: Counter[str] = Counter()  # images generated and actor failures by role
+        self.judge_counters: dict[str, dict[str, Any]] = {}  # per scorer, the judge's latest counters
         self.last_train: dict[str, Any] = {}
-        self.step = 0
+        self.step = self.start_step = 0
         self.policy_version = 0
         self.lags: dict[str, int] = {}
         self.sampler_versions: dict[str, int] = {}
-        self.last_eval: dict[str, Any] | None = None  # the latest held-out evaluation (shapes world)
+        self.last_eval: dict[str, Any] | None = None  # the latest held-out evaluation
         self.last_eval_step: int | None = None
+        self.last_refresh_step = 0
+        self.stop_reason: str | None = None
+        self.drain_deadline: float | None = None  # set when stopping: the loop drains until then
+        self.t_start = time.monotonic()
+        self.last_control = 0.0
+        self.last_report = 0.0
+        self.controller: Any = None  # the Ray actors, created by start()
+        self.store: Any = None
+        self.learner: Any = None
+        c = cfg.cluster
+        # named (srum-<run>-<role>-<i>) so operators and tests can find a given actor
+        self.samplers = ActorPool("sampler", lambda aid: ray.remote(SamplerActor).options(
+            name=f"srum-{cfg.run.name}-{aid}", num_cpus=c.sampler_resources.num_cpus,
+            num_gpus=c.sampler_resources.num_gpus, max_restarts=c.max_restarts,
+        ).remote(components, aid, self.store), max_in_flight_per_actor=c.sampler_calls_in_flight)
+        self.scorers = ActorPool("scorer", lambda aid: ray.remote(ScorerActor).options(
+            name=f"srum-{cfg.run.name}-{aid}", num_cpus=c.scorer_resources.num_cpus,
+            num_gpus=c.scorer_resources.num_gpus, max_restarts=c.max_restarts, max_concurrency=c.scorer_concurrency,
+        ).remote(components, aid), max_in_flight_per_actor=c.scorer_calls_in_flight)
 
     # ------------------------------------------------------------------ set-up
     def start(self) -> None:
-        cfg = self.cfg
-        if cfg.policy.kind == "shapes":  # pretrain (or find) the cached base once here, not in every actor
-            from shapes.pretrain import pretrain_base, settings_from_config
-
-            print("srum: shapes world: preparing the pretrained base model (cached after the first run)", flush=True)
-            pretrain_base(*settings_from_config(cfg.policy))
+        cfg, parts = self.cfg, self.components
+        parts.prepare()  # e.g. pretrain (or find) the world's cached base, once, before any actor builds it
         connect_ray(cfg)
-        self.metrics = M.Metrics()
         self.controller = get_or_create_controller(NAMESPACE, samplers=cfg.cluster.num_samplers,
                                                    scorers=cfg.cluster.num_scorers)
         ray.get(self.controller.reset.remote(cfg.cluster.num_samplers, cfg.cluster.num_scorers, cfg.run.name))
-        self.buffer = ray.remote(ReplayBuffer).options(num_cpus=0).remote(
-            cfg.cluster.buffer_capacity, cfg.cluster.max_staleness, cfg.cluster.recency_bias, cfg.run.seed)
         self.store = ray.remote(WeightStore).options(num_cpus=0).remote()
         res = cfg.cluster.learner_resources
         self.learner = ray.remote(LearnerHost).options(
             num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=cfg.cluster.max_restarts,
-        ).remote(cfg, str(self.run_dir), self.buffer, self.store)
-        self.step = ray.get(self.learner.ping.remote())  # waits for the build (and a resume, if any)
-        self.start_step = self.step
+        ).remote(parts, str(self.run_dir), self.store)
+        self.step = self.start_step = ray.get(self.learner.ping.remote())  # waits for the build (and a resume)
         if cfg.run.eval_every:
-            self._on_eval_result(ray.get(self.learner.evaluate.remote()))  # the starting point
-        restarts = cfg.cluster.max_restarts
-        sres, cres = cfg.cluster.sampler_resources, cfg.cluster.scorer_resources
-        # named (srum-<run>-<role>-<i>) so operators and tests can find a given actor
-        self.samplers = ActorPool("sampler", lambda aid: ray.remote(SamplerActor).options(
-            name=f"srum-{cfg.run.name}-{aid}", num_cpus=sres.num_cpus, num_gpus=sres.num_gpus,
-            max_restarts=restarts,
-        ).remote(cfg, aid, self.store), max_in_flight_per_actor=2)
-        self.scorers = ActorPool("scorer", lambda aid: ray.remote(ScorerActor).options(
-            name=f"srum-{cfg.run.name}-{aid}", num_cpus=cres.num_cpus, num_gpus=cres.num_gpus,
-            max_restarts=restarts, max_concurrency=8,
-        ).remote(cfg, aid), max_in_flight_per_actor=4)
+            self._on_eval(ray.get(self.learner.evaluate.remote()))  # the starting point
         self.samplers.scale_to(cfg.cluster.num_samplers)
         self.scorers.scale_to(cfg.cluster.num_scorers)
         ray.get([m.handle.start.remote() for m in self.scorers.active])  # judge health check: fail fast
         self.reporter.log({"kind": "start", "config_hash": config_hash(cfg), "run_dir": str(self.run_dir),
                            "resumed_at_step": self.step})
-        print(f"srum: run '{cfg.run.name}' -> {self.run_dir} (ray dashboard: "
-              f"{ray.get_runtime_context().gcs_address if ray.is_initialized() else '-'})", flush=True)
+        print(f"srum: run '{cfg.run.name}' -> {self.run_dir} (ray: {ray.get_runtime_context().gcs_address})",
+              flush=True)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
-        self.start()
-        self.t_start = time.monotonic()
-        self._last_scale_check = 0.0
         try:
-            while self.stop_reason is None:
+            self.start()
+            self.t_start = time.monotonic()
+            while not self._finished():
                 self._turn()
         finally:
             summary = self.finish()
@@ -157,16 +179,28 @@ class Driver:
     def request_stop(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
+            self.drain_deadline = time.monotonic() + self.cfg.cluster.drain_timeout_s
+            log.info("stopping (%s): draining in-flight work", reason)
+
+    @property
+    def draining(self) -> bool:
+        return self.stop_reason is not None
+
+    def _finished(self) -> bool:
+        if not self.draining:
+            return False
+        return not (self.pending or self.waiting_for_scorer) or time.monotonic() > self.drain_deadline
 
     def _turn(self) -> None:
         self._check_budget()
-        self._apply_scale()
-        self._submit_samples()
-        self._submit_learner()
-        ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=0.5)
+        if not self.draining:
+            self._apply_control()
+            self._submit_samples()
+            self._submit_learner()
+        self._submit_scores()
+        ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=POLL_S)
         for ref in ready:
-            kind, actor_id, payload = self.pending.pop(ref)
-            getattr(self, f"_on_{kind}")(ref, actor_id, payload)
+            self._handle(ref, self.pending.pop(ref))
         self._report()
 
     def _check_budget(self) -> None:
@@ -175,11 +209,11 @@ class Driver:
         elif self.cfg.run.max_seconds and time.monotonic() - self.t_start > self.cfg.run.max_seconds:
             self.request_stop("max_seconds")
 
-    def _apply_scale(self) -> None:
+    def _apply_control(self) -> None:
         now = time.monotonic()
-        if now - self._last_scale_check < 1.0:
+        if now - self.last_control < CONTROL_EVERY_S:
             return
-        self._last_scale_check = now
+        self.last_control = now
         want = ray.get(self.controller.get_desired.remote())
         if want.get("stop"):
             self.request_stop("stop requested")
@@ -187,110 +221,126 @@ class Driver:
             if n != pool.size():
                 added, draining = pool.scale_to(n)
                 self.reporter.log({"kind": "scale", "role": pool.role, "to": n, "added": added, "draining": draining})
-        self.samplers.reap()
+            self.metrics.set(Metric.ACTORS, n, role=pool.role, state="desired")
+            self.metrics.set(Metric.ACTORS, pool.size(), role=pool.role, state="alive")
+        for actor_id in self.samplers.reap():
+            self.lags.pop(actor_id, None)
+            self.sampler_versions.pop(actor_id, None)
         self.scorers.reap()
 
+    # ------------------------------------------------------------------ submissions
     def _in_flight_batches(self) -> int:
-        return sum(kind in ("sample", "score") for kind, _, _ in self.pending.values()) + len(self.waiting_for_scorer)
+        return sum(isinstance(j, SampleJob | ScoreJob) for j in self.pending.values()) + len(self.waiting_for_scorer)
 
     def _submit_samples(self) -> None:
         n = self.cfg.cluster.sample_batch_size
         while self._in_flight_batches() < self.cfg.cluster.max_in_flight_batches:
             member = self.samplers.pick()
             if member is None:
-                break
+                return
             prompts, seeds = self.prompts.take(n)
             self.samplers.started(member)
-            self.pending[member.handle.sample.remote(prompts, seeds)] = ("sample", member.actor_id, n)
+            header_ref, batch_ref = member.handle.sample.options(num_returns=2).remote(prompts, seeds)
+            self.pending[header_ref] = SampleJob(member.actor_id, batch_ref)
+
+    def _submit_scores(self) -> None:
         while self.waiting_for_scorer:
             member = self.scorers.pick()
             if member is None:
-                break
-            sample_ref, n = self.waiting_for_scorer.popleft()
+                return
+            header, batch_ref = self.waiting_for_scorer.popleft()
             self.scorers.started(member)
-            refs = member.handle.score_batch.options(num_returns=1 + n).remote(sample_ref)
-            refs = refs if isinstance(refs, list) else [refs]
-            self.pending[refs[0]] = ("score", member.actor_id, (refs[1:], n))
+            summary_ref, *tensor_refs = member.handle.score.options(num_returns=1 + header.n).remote(header, batch_ref)
+            self.pending[summary_ref] = ScoreJob(member.actor_id, header, tensor_refs)
 
     def _submit_learner(self) -> None:
-        if any(kind in ("learn", "eval") for kind, _, _ in self.pending.values()):
+        if any(isinstance(j, LearnJob | EvalJob) for j in self.pending.values()):
             return
         every = self.cfg.run.eval_every
         if every and self.step // every > (self.last_eval_step or 0) // every:
             self.last_eval_step = self.step
-            self.pending[self.learner.evaluate.remote()] = ("eval", "learner", None)
+            self.pending[self.learner.evaluate.remote()] = EvalJob()
             return
-        remaining = self.cfg.run.max_steps - self.step
-        if remaining > 0 and self.stop_reason is None:
-            chunk = min(remaining, max(1, self.cfg.learner.sync_every))
-            self.pending[self.learner.run.remote(chunk, 5.0)] = ("learn", "learner", chunk)
+        bs = self.cfg.learner.batch_size
+        n_steps = min(self.cfg.run.max_steps - self.step, self.cfg.learner.sync_every, self.buffer.size() // bs)
+        if n_steps <= 0:
+            return
+        batches = [self.buffer.sample(bs, self.policy_version, min_n=bs) for _ in range(n_steps)]
+        batches = [b for b in batches if b]  # stale eviction may leave fewer full batches than counted
+        if batches:
+            self.pending[self.learner.train.remote(batches)] = LearnJob(sum(map(len, batches)))
 
     # ------------------------------------------------------------------ completions
-    def _on_sample(self, ref: Any, actor_id: str, n: int) -> None:
+    def _handle(self, ref: Any, job: Job) -> None:
+        match job:
+            case SampleJob(actor_id=actor_id, batch=batch_ref):
+                self._on_sample(ref, actor_id, batch_ref)
+            case ScoreJob():
+                self._on_score(ref, job)
+            case LearnJob():
+                self._on_learn(ref, job)
+            case EvalJob():
+                try:
+                    self._on_eval(ray.get(ref))
+                except ray.exceptions.RayError as exc:
+                    log.warning("held-out evaluation failed (%s)", type(exc).__name__)
+
+    def _on_sample(self, ref: Any, actor_id: str, batch_ref: Any) -> None:
         try:
-            header = ray.get(ref)
+            header: SampleHeader = ray.get(ref)
         except ray.exceptions.RayError as exc:
             self.counts["sampler_failures"] += 1
             log.warning("sampler %s failed a batch (%s); it restarts and re-syncs", actor_id, type(exc).__name__)
             self.samplers.finished(actor_id, failed=True)
             return
         self.samplers.finished(actor_id)
-        self.counts["images"] += n
-        self.lags[actor_id] = header["lag"]
-        self.sampler_versions[actor_id] = header["policy_version"]
-        self.metrics.set(M.ACTOR_VERSION_LAG, header["lag"], {"actor": actor_id})
-        self.waiting_for_scorer.append((ref, n))
+        self.counts["images"] += header.n
+        self.lags[actor_id] = header.lag
+        self.sampler_versions[actor_id] = header.policy_version
+        self.metrics.set(Metric.VERSION_LAG, header.lag, actor=actor_id)
+        self.waiting_for_scorer.append((header, batch_ref))
 
-    def _on_score(self, ref: Any, actor_id: str, payload: tuple[list[Any], int]) -> None:
-        record_refs, n = payload
+    def _on_score(self, ref: Any, job: ScoreJob) -> None:
         try:
-            summary = ray.get(ref)
+            summary: ScoreSummary = ray.get(ref)
         except ray.exceptions.RayError as exc:
             self.counts["scorer_failures"] += 1
-            log.warning("scorer %s failed a batch of %d (%s): counted as dropped", actor_id, n, type(exc).__name__)
-            ray.get(self.buffer.record_drop.remote("scorer_failed", n))
-            self.scorers.finished(actor_id, failed=True)
+            log.warning("scorer %s failed a batch of %d (%s): counted as dropped", job.actor_id, job.header.n,
+                        type(exc).__name__)
+            self.buffer.record_drop(DropReason.SCORER_FAILED, job.header.n)
+            self.scorers.finished(job.actor_id, failed=True)
             return
-        self.scorers.finished(actor_id)
-        entries, drops = [], Counter()
-        for meta, rec_ref in zip(summary["metas"], record_refs, strict=True):
-            if meta["drop"]:
-                drops[meta["drop_reason"] or "dropped"] += 1
-            else:
-                entries.append(BufferEntry(meta=SampleMeta(**meta), ref=rec_ref))
-        for reason, k in drops.items():
-            ray.get(self.buffer.record_drop.remote(reason, k))
-        if entries:
-            ray.get(self.buffer.add.remote(entries))
-        self.counts["scored"] += n
-        self.judge_counters[actor_id] = summary["judge"]
-        if summary.get("preview"):
-            p = summary["preview"]
-            self.gallery.add(p["image"], p["meta"], p["R"])
+        self.scorers.finished(job.actor_id)
+        self.buffer.add([TrainSample(rec, None if rec.dropped else tref)
+                         for rec, tref in zip(summary.records, job.tensors, strict=True)])
+        self.judge_counters[job.actor_id] = summary.judge
+        if summary.preview is not None:
+            p = summary.preview
+            self.gallery.add(p.image, p.record, p.R, p.stride)
 
-    def _on_learn(self, ref: Any, actor_id: str, chunk: int) -> None:
+    def _on_learn(self, ref: Any, job: LearnJob) -> None:
         try:
-            steps = ray.get(ref)
+            result: LearnResult = ray.get(ref)
         except ray.exceptions.RayError as exc:
             self.counts["learner_failures"] += 1
+            self.buffer.mark_lost(job.samples)  # drawn, never trained: accounted, not silently "trained"
             log.warning("learner failed (%s); Ray restarts it and it resumes from the latest checkpoint",
                         type(exc).__name__)
-            if self.counts["learner_failures"] > max(self.cfg.cluster.max_restarts, 0) + 1:
+            limit = self.cfg.cluster.max_restarts
+            if limit >= 0 and self.counts["learner_failures"] > limit + 1:
                 self.request_stop("learner failed repeatedly")
             return
-        for stats in steps:
-            self.step = stats["step"]
-            self.policy_version = stats.get("policy_version", self.policy_version)
+        if result.lost:
+            self.buffer.mark_lost(result.lost)
+        for stats in result.steps:
+            self.step = int(stats["step"])
+            self.policy_version = int(stats["policy_version"])
             self.last_train = stats
             self.reporter.log({"kind": "train", **stats})
+        if self.step - self.last_refresh_step >= self.cfg.run.refresh_every:
+            self._refresh_outputs()
 
-    def _on_eval(self, ref: Any, actor_id: str, _payload: Any) -> None:
-        try:
-            self._on_eval_result(ray.get(ref))
-        except ray.exceptions.RayError as exc:
-            log.warning("held-out evaluation failed (%s)", type(exc).__name__)
-
-    def _on_eval_result(self, result: dict[str, Any]) -> None:
+    def _on_eval(self, result: dict[str, Any]) -> None:
         self.last_eval_step = result["step"]
         self.last_eval = result
         self.reporter.log({"kind": "eval", **result})
@@ -302,60 +352,47 @@ class Driver:
     # ------------------------------------------------------------------ reporting and shutdown
     def status(self) -> dict[str, Any]:
         elapsed = max(1e-6, time.monotonic() - self.t_start)
-        buf = ray.get(self.buffer.stats.remote())
-        judge_failed = sum(int(c.get("failed", 0)) for c in self.judge_counters.values())
+        buf = self.buffer.stats()
         return {
             "run": self.cfg.run.name, "step": self.step, "max_steps": self.cfg.run.max_steps,
-            "elapsed_s": elapsed, "images_per_s": self.counts["images"] / elapsed,
-            "trained_per_s": buf["trained"] / elapsed,
+            "elapsed_s": elapsed, "images": self.counts["images"], "images_per_s": self.counts["images"] / elapsed,
+            "trained": buf["trained"], "trained_per_s": buf["trained"] / elapsed,
             "mean_global_score": self.last_train.get("mean_global_score"), "loss": self.last_train.get("loss"),
             "l_r": self.last_train.get("l_r"), "l_ref": self.last_train.get("l_ref"),
             "buffer_size": buf["in_buffer"], "buffer": buf, "policy_version": self.policy_version,
-            "lags": dict(self.lags), "sampler_versions": dict(self.sampler_versions), "max_lag": max(self.lags.values(), default=0),
-            "judge": self.judge_counters, "judge_failed": judge_failed,
+            "lags": dict(self.lags), "sampler_versions": dict(self.sampler_versions),
+            "max_lag": max(self.lags.values(), default=0),
+            "judge": self.judge_counters, "judge_failed": buf["dropped"].get(DropReason.JUDGE_FAILED.value, 0),
             "num_samplers": self.samplers.size(), "num_scorers": self.scorers.size(),
-            "counts": dict(self.counts), "stop_reason": self.stop_reason,
-            "heldout": self.last_eval,
+            "counts": dict(self.counts), "stop_reason": self.stop_reason, "heldout": self.last_eval,
         }
 
     def _report(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - getattr(self, "_last_report", 0.0) < 1.0:
+        if not force and now - self.last_report < 1.0:
             return
-        self._last_report = now
+        self.last_report = now
         status = self.status()
-        self.metrics.set(M.BUFFER_SIZE, status["buffer_size"])
         self.controller.set_status.remote(status)
         self.reporter.show(status, force=force)
 
-    def _drain(self, timeout_s: float = 60.0) -> None:
-        """Let in-flight sample/score work finish so every generated sample is accounted for."""
-        deadline = time.monotonic() + timeout_s
-        while self.pending and time.monotonic() < deadline:
-            self._submit_samples_to_scorers_only()
-            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=0.5)
-            for ref in ready:
-                kind, actor_id, payload = self.pending.pop(ref)
-                getattr(self, f"_on_{kind}")(ref, actor_id, payload)
-        lost = sum(p[1] if k == "score" else 0 for k, _, p in self.pending.values()) + sum(
-            n for _, n in self.waiting_for_scorer)
-        if lost:
-            ray.get(self.buffer.record_drop.remote("shutdown", lost))
-
-    def _submit_samples_to_scorers_only(self) -> None:
-        cap, self.cfg.cluster.max_in_flight_batches = self.cfg.cluster.max_in_flight_batches, 0
-        try:
-            self._submit_samples()
-        finally:
-            self.cfg.cluster.max_in_flight_batches = cap
+    def _refresh_outputs(self) -> None:
+        self.last_refresh_step = self.step
+        plot_metrics(self.reporter.metrics_path, self.run_dir / "curves.png")
+        self.gallery.write()
 
     def finish(self) -> dict[str, Any]:
-        if not hasattr(self, "learner"):
+        if self.learner is None:  # failed while starting: nothing to drain
+            self.samplers.shutdown()
+            self.scorers.shutdown()
             return {"stop_reason": self.stop_reason, "step": self.step}
-        log.info("stopping (%s): draining in-flight work", self.stop_reason)
-        self._drain()
+        lost = sum(j.header.n for j in self.pending.values() if isinstance(j, ScoreJob))
+        lost += sum(h.n for h, _ in self.waiting_for_scorer)
+        if lost:  # generated, but the drain time ran out before they were scored
+            self.buffer.record_drop(DropReason.SHUTDOWN, lost)
+        self.buffer.release()
         if self.cfg.run.eval_every and self.last_eval_step != self.step:
-            self._on_eval_result(ray.get(self.learner.evaluate.remote()))
+            self._on_eval(ray.get(self.learner.evaluate.remote()))
         final = ray.get(self.learner.stop.remote())
         self.step = final["step"]
         status = self.status()
@@ -364,8 +401,7 @@ class Driver:
         self._report(force=True)
         self.reporter.close()
         self.reporter.log({"kind": "final", **status})
-        plot_metrics(self.reporter.metrics_path, self.run_dir / "curves.png")
-        self.gallery.write()
+        self._refresh_outputs()
         self.samplers.shutdown()
         self.scorers.shutdown()
         print(f"srum: stopped ({self.stop_reason}) at step {self.step}; outputs in {self.run_dir}", flush=True)

@@ -1,16 +1,20 @@
 """A scalable pool of same-kind actors: least-in-flight dispatch, scale up, and scale down by draining
-(a removed actor takes no new work; it is killed once its in-flight calls have finished)."""
+(a removed actor takes no new work; once its in-flight calls have finished it is asked to stop, and it is
+killed when ``stop()`` returned or after :data:`STOP_GRACE_S`, without blocking the driver's loop)."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 
 log = logging.getLogger("srum.pool")
+
+STOP_GRACE_S = 30.0  # how long a retired actor's stop() may take before it is killed anyway
 
 
 @dataclass
@@ -21,7 +25,8 @@ class Member:
     draining: bool = False
     calls: int = 0
     failures: int = 0
-    meta: dict[str, Any] = field(default_factory=dict)
+    stop_ref: Any = None  # the pending stop() of a retired member
+    stop_deadline: float = 0.0
 
 
 class ActorPool:
@@ -81,19 +86,31 @@ class ActorPool:
         self.reap()
 
     def reap(self) -> list[str]:
-        """Kill drained members whose in-flight work has finished."""
-        done = [m for m in self.members.values() if m.draining and m.in_flight == 0]
-        for member in done:
-            try:
-                ray.get(member.handle.stop.remote(), timeout=30)
-            except Exception as exc:  # a dead actor cannot say goodbye: that is fine here
-                log.debug("%s stop(): %s", member.actor_id, exc)
-            ray.kill(member.handle, no_restart=True)
-            del self.members[member.actor_id]
+        """Retire drained members whose in-flight work has finished (never blocks); returns the ids killed."""
+        now = time.monotonic()
+        done = []
+        for m in self.members.values():
+            if not m.draining or m.in_flight:
+                continue
+            if m.stop_ref is None:
+                m.stop_ref, m.stop_deadline = m.handle.stop.remote(), now + STOP_GRACE_S
+            ready, _ = ray.wait([m.stop_ref], timeout=0)
+            if ready or now > m.stop_deadline:
+                done.append(m)
+        for m in done:
+            ray.kill(m.handle, no_restart=True)  # a dead actor's failed stop() needs no answer
+            del self.members[m.actor_id]
         return [m.actor_id for m in done]
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = STOP_GRACE_S) -> None:
+        """Stop every member (waits up to ``timeout_s`` for their stop() calls, then kills them)."""
         for member in self.members.values():
             member.draining = True
             member.in_flight = 0
-        self.reap()
+        deadline = time.monotonic() + timeout_s
+        while self.members and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.05)
+        for member in self.members.values():
+            ray.kill(member.handle, no_restart=True)
+        self.members.clear()

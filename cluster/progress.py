@@ -1,7 +1,9 @@
 """What a person watches while a run goes: a live progress line, `metrics.jsonl`, loss/reward plots
 and an HTML gallery of recent samples (image, proposed boxes with their region scores, reward heat-map).
 
-Everything here is driver-side and plain Python: no Ray, no model math.
+Everything here is driver-side and plain Python: no Ray, no model math. The progress line is printed
+when something it shows changed (not the same line every second while the learner evaluates);
+``curves.png`` and ``gallery.html`` are rewritten by the driver every ``run.refresh_every`` steps.
 """
 
 from __future__ import annotations
@@ -20,12 +22,18 @@ from typing import Any, TextIO
 import numpy as np
 from PIL import Image, ImageDraw
 
+from core.records import Region, SampleRecord
+
 PLOT_KEYS = (
     ("loss", "learner loss"),
     ("l_r", "reward-weighted term L_r"),
     ("mean_global_score", "mean global score"),
     ("mean_alpha", "mean alpha"),
 )
+# the progress line is printed again only when one of these changed (rates alone do not count)
+CHANGE_KEYS = ("step", "images", "trained", "buffer_size", "policy_version", "max_lag", "judge_failed",
+               "num_samplers", "num_scorers", "stop_reason")
+REASON_CHARS = 160  # a region's reason as the gallery shows it
 
 
 def format_progress(status: dict[str, Any]) -> str:
@@ -58,6 +66,7 @@ class ProgressReporter:
         self.stream = stream or sys.stdout
         self.min_interval_s = min_interval_s
         self._last_print = 0.0
+        self._last_key: tuple[Any, ...] | None = None
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
 
     def log(self, record: dict[str, Any]) -> None:
@@ -66,17 +75,21 @@ class ProgressReporter:
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, default=_json_default) + "\n")
 
-    def show(self, status: dict[str, Any], force: bool = False) -> None:
+    def show(self, status: dict[str, Any], force: bool = False) -> bool:
+        """Print the line when a :data:`CHANGE_KEYS` value changed (at most every ``min_interval_s``) or
+        when forced; returns whether it printed."""
         now = time.monotonic()
-        if not force and now - self._last_print < self.min_interval_s:
-            return
-        self._last_print = now
+        key = tuple(status.get(k) for k in CHANGE_KEYS)
+        if not force and (now - self._last_print < self.min_interval_s or key == self._last_key):
+            return False
+        self._last_print, self._last_key = now, key
         line = format_progress(status)
         if self._tty:
             self.stream.write("\r\x1b[2K" + line)
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+        return True
 
     def close(self) -> None:
         if self._tty:
@@ -147,10 +160,10 @@ class Gallery:
         self.path = Path(run_dir) / "gallery.html"
         self.items: deque[dict[str, Any]] = deque(maxlen=keep)
 
-    def add(self, image: np.ndarray, meta: dict[str, Any], reward_map: np.ndarray | None) -> None:
-        """image: uint8 HxWx3; meta: prompt, policy_version, global_score, alpha, regions [{box, score, label,
-        reason}], drop; reward_map: R at image resolution (any range) or None."""
-        self.items.append({"image": np.asarray(image), "meta": dict(meta), "R": reward_map})
+    def add(self, image: np.ndarray, record: SampleRecord, reward_map: np.ndarray | None, stride: int = 1) -> None:
+        """image: uint8 HxWx3, shrunk by ``stride`` from the judged image (the record's boxes are in
+        full-image pixels); reward_map: R at the image's resolution (any range) or None."""
+        self.items.append({"image": np.asarray(image), "record": record, "R": reward_map, "stride": stride})
 
     def write(self) -> Path:
         cards = [self._card(item) for item in reversed(self.items)]
@@ -165,18 +178,18 @@ class Gallery:
         return self.path
 
     def _card(self, item: dict[str, Any]) -> str:
-        meta = item["meta"]
-        boxed = draw_boxes(item["image"], meta.get("regions") or [])
+        rec: SampleRecord = item["record"]
+        boxed = draw_boxes(item["image"], rec.regions, 1.0 / item["stride"])
         heat = heatmap(item["R"], item["image"]) if item["R"] is not None else None
         rows = "".join(
-            f"<tr><td>{i + 1}</td><td>{_fmt(r.get('score'))}</td><td>{html.escape(str(r.get('label') or ''))}"
-            f"</td><td>{html.escape(str(r.get('reason') or ''))[:160]}</td></tr>"
-            for i, r in enumerate(meta.get("regions") or [])
+            f"<tr><td>{i + 1}</td><td>{_fmt(r.score)}</td><td>{html.escape(r.label)}</td>"
+            f"<td>{html.escape(r.reason[:REASON_CHARS])}</td></tr>"
+            for i, r in enumerate(rec.regions)
         )
         head = (
-            f"<b>{html.escape(str(meta.get('prompt', '')))}</b><br>v{meta.get('policy_version', '?')} · "
-            f"global {_fmt(meta.get('global_score'))} · alpha {_fmt(meta.get('alpha'))}"
-            + (f" · <b>dropped</b> ({html.escape(str(meta.get('drop_reason')))})" if meta.get("drop") else "")
+            f"<b>{html.escape(rec.prompt.text)}</b><br>v{rec.policy_version} · "
+            f"global {_fmt(rec.global_score)} · alpha {_fmt(rec.alpha)}"
+            + (f" · <b>dropped</b> ({html.escape(str(rec.drop_reason))})" if rec.dropped else "")
         )
         imgs = f"<img src='{_data_url(boxed)}'>" + (f"<img src='{_data_url(heat)}'>" if heat is not None else "")
         return f"<div class='c'>{head}<br>{imgs}<table>{rows}</table></div>"
@@ -186,20 +199,21 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else f"{float(value):+.2f}"
 
 
-def draw_boxes(image: np.ndarray, regions: list[dict[str, Any]]) -> Image.Image:
-    """The image with each region's box and "id:score" drawn on it (green for positive, red for negative)."""
+def draw_boxes(image: np.ndarray, regions: list[Region], box_scale: float = 1.0) -> Image.Image:
+    """The image with each region's box (times ``box_scale``) and "id:score" drawn on it (green for
+    positive, red for negative)."""
     img = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
     scale = max(1, 256 // max(img.size))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     draw = ImageDraw.Draw(img)
     for i, region in enumerate(regions):
-        box = region.get("box")
-        if not box or len(box) != 4 or not all(math.isfinite(float(v)) for v in box):
+        box = region.box
+        if not all(math.isfinite(float(v)) for v in box):
             continue
-        score = region.get("score")
+        score = region.score
         color = (200, 200, 200) if score is None else ((0, 170, 0) if score >= 0 else (220, 0, 0))
-        x1, y1, x2, y2 = (float(v) * scale for v in box)
+        x1, y1, x2, y2 = (float(v) * scale * box_scale for v in box)
         if x2 <= x1 or y2 <= y1:
             continue
         draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=color, width=2)

@@ -1,4 +1,4 @@
-"""Exact-resume checkpoints of a :class:`~learner.learner.Learner`.
+"""Exact-resume checkpoints: a learner's state dict (:meth:`learner.learner.Learner.state_dict`) on disk.
 
 Layout under a checkpoint root::
 
@@ -19,8 +19,9 @@ Loading verifies each file's sha256 from ``meta.json``, reads tensors with safet
 ``.pt`` files with ``torch.load(weights_only=True)`` (nothing is unpickled beyond plain containers
 and tensors, all written here). Problems raise :class:`CheckpointError` naming the file.
 
-Config: a different *training hash* (fields in :data:`learner.learner.TRAINING_FIELDS`) is an error
-unless ``allow_config_change=True`` (then a warning); any other config difference is a warning.
+This module only writes and reads the dict (``meta``, ``trainable``, ``ema``, ``optimizer``, ``rng``);
+whether it fits a learner (config hashes, parameter names) is the learner's check
+(:meth:`~learner.learner.Learner.load_state_dict`).
 """
 
 from __future__ import annotations
@@ -28,19 +29,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import time
-import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-
-if TYPE_CHECKING:
-    from learner.learner import Learner
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -80,62 +76,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-# ------------------------------------------------------------------------------------------ RNG
-def rng_state(learner: Learner) -> dict[str, Any]:
-    """All RNG states as tensors and plain numbers (loadable with ``weights_only=True``)."""
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    return {
-        "torch_cpu": torch.get_rng_state(),
-        "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "learner_generator": learner.generator.get_state(),
-        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
-        "python": {"version": int(py_version), "state": torch.tensor(py_state, dtype=torch.int64),
-                   "gauss_next": py_gauss},
-    }
-
-
-def set_rng_state(learner: Learner, state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch_cpu"])
-    if state["torch_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["torch_cuda"])
-    learner.generator.set_state(state["learner_generator"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss_next"]))
-
-
 # ----------------------------------------------------------------------------------------- save
-def save_checkpoint(root: str | Path, learner: Learner) -> Path:
-    """Write ``root/step_NNNNNN`` for ``learner.step`` and point ``root/latest`` at it."""
+def save_checkpoint(root: str | Path, state: Mapping[str, Any]) -> Path:
+    """Write ``state`` (a learner state dict) as ``root/step_NNNNNN`` and point ``root/latest`` at it."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    name = step_dir_name(learner.step)
+    info = state["meta"]
+    name = step_dir_name(int(info["step"]))
     final = root / name
     tmp = root / f".tmp-{name}-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
     try:
-        version, state = learner.policy.trainable_state()
-        save_file(state, str(tmp / TRAINABLE_FILE), metadata={"version": str(version)})
-        ema = learner.ema_state()
+        save_file(dict(state["trainable"]), str(tmp / TRAINABLE_FILE), metadata={"version": str(info["version"])})
+        ema = state.get("ema")
         if ema is not None:
-            save_file(ema, str(tmp / EMA_FILE))
-        torch.save({"optimizer": learner.optimizer.state_dict(), "scheduler": learner.scheduler.state_dict()},
-                   tmp / OPTIMIZER_FILE)
-        torch.save(rng_state(learner), tmp / RNG_FILE)
+            save_file(dict(ema), str(tmp / EMA_FILE))
+        torch.save(state["optimizer"], tmp / OPTIMIZER_FILE)
+        torch.save(state["rng"], tmp / RNG_FILE)
         files = sorted(p.name for p in tmp.iterdir())
         for f in files:
             _fsync_file(tmp / f)
-        meta = {
-            "format": FORMAT_VERSION, "step": learner.step, "version": version,
-            "skipped_steps": learner.skipped_steps, "seed": learner.seed,
-            "config_hash": learner.config_hash, "training_hash": learner.training_hash,
-            "param_names": learner.param_names, "ema": ema is not None,
-            "files": {f: _sha256(tmp / f) for f in files}, "saved_at": time.time(),
-        }
+        meta = {"format": FORMAT_VERSION, **info, "ema": ema is not None,
+                "files": {f: _sha256(tmp / f) for f in files}, "saved_at": time.time()}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         _fsync_file(tmp / META_FILE)
         _fsync_dir(tmp)
@@ -216,49 +178,18 @@ def _load(path: Path, fn: Any) -> Any:
         raise CheckpointError(f"cannot load {path}: {type(exc).__name__}: {exc}") from exc
 
 
-def _check_config(meta: dict[str, Any], learner: Learner, path: Path, allow_config_change: bool) -> None:
-    if meta.get("training_hash") != learner.training_hash:
-        msg = (f"{path}: the training config (policy/learner fields that change the optimisation) differs "
-               f"from the checkpoint's")
-        if not allow_config_change:
-            raise CheckpointError(msg + "; pass allow_config_change=True to resume anyway")
-        warnings.warn(msg, stacklevel=3)
-    elif meta.get("config_hash") != learner.config_hash:
-        warnings.warn(f"{path}: config differs from the checkpoint's outside the training fields "
-                      f"(e.g. run budget, judge, cluster); resuming", stacklevel=3)
-
-
-def load_checkpoint(path: str | Path, learner: Learner, *, allow_config_change: bool = False,
-                    verify: bool = True) -> Path:
-    """Restore weights, EMA, optimiser, scheduler, counters and RNG into ``learner``.
-
-    ``path`` is a checkpoint root (follows ``latest``) or a step dir; returns the step dir loaded
-    (its meta: :func:`read_meta`)."""
+def load_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[dict[str, Any], Path]:
+    """Read a checkpoint back into a learner state dict; ``path`` is a checkpoint root (follows
+    ``latest``) or a step dir. Returns ``(state, step_dir)``; every problem is a :class:`CheckpointError`
+    naming the file."""
     step_dir = resolve_step_dir(path)
     meta = read_meta(step_dir)
-    _check_config(meta, learner, step_dir / META_FILE, allow_config_change)
-    if meta.get("param_names") != learner.param_names:
-        raise CheckpointError(f"{step_dir / META_FILE}: trainable parameter names differ from this "
-                              f"learner's (e.g. LoRA vs full fine-tuning, or another rank/targets)")
     if verify:
         _verify(step_dir, meta)
-    state = _load(step_dir / TRAINABLE_FILE, lambda p: load_file(str(p)))
-    opt = _load(step_dir / OPTIMIZER_FILE, lambda p: torch.load(p, map_location="cpu", weights_only=True))
-    rng = _load(step_dir / RNG_FILE, lambda p: torch.load(p, map_location="cpu", weights_only=True))
-    ema = None
-    if meta.get("ema"):
-        ema = _load(step_dir / EMA_FILE, lambda p: load_file(str(p)))
-    elif learner.ema is not None:
-        raise CheckpointError(f"{step_dir}: checkpoint has no {EMA_FILE} but this learner keeps an EMA")
-    try:
-        learner.policy.load_trainable_state(state, int(meta["version"]))
-        learner.optimizer.load_state_dict(opt["optimizer"])
-        learner.scheduler.load_state_dict(opt["scheduler"])
-        if ema is not None and learner.ema is not None:
-            learner.load_ema_state(ema)
-        set_rng_state(learner, rng)
-    except (ValueError, KeyError, RuntimeError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {step_dir} does not fit this learner: {exc}") from exc
-    learner.step = int(meta["step"])
-    learner.skipped_steps = int(meta.get("skipped_steps", 0))
-    return step_dir
+    return {
+        "meta": {k: v for k, v in meta.items() if k not in ("format", "files", "ema", "saved_at")},
+        "trainable": _load(step_dir / TRAINABLE_FILE, lambda p: load_file(str(p))),
+        "ema": _load(step_dir / EMA_FILE, lambda p: load_file(str(p))) if meta.get("ema") else None,
+        "optimizer": _load(step_dir / OPTIMIZER_FILE, lambda p: torch.load(p, map_location="cpu", weights_only=True)),
+        "rng": _load(step_dir / RNG_FILE, lambda p: torch.load(p, map_location="cpu", weights_only=True)),
+    }, step_dir

@@ -25,67 +25,23 @@ import contextlib
 import hashlib
 import json
 import math
+import random
 import time
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from cluster.config import LearnerConfig, PolicyConfig, SRUMConfig, config_hash
+from core.config import LearnerConfig, PolicyConfig, SRUMConfig
+from core.config_io import config_hash
+from core.records import TrainBatch
+from learner.base import Policy
+from learner.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from learner.loss import rf_interpolate, sample_timesteps, srum_loss
-from learner.policy import Policy
-
-# Fields whose change alters the optimisation; resuming across a change of one of these is an error
-# unless explicitly allowed (other config differences only warn).
-TRAINING_FIELDS = {
-    "policy": ("kind", "pretrained", "tiny", "dtype", "lora_rank", "lora_alpha", "lora_target_modules",
-               "pretrain_steps", "pretrain_seed", "shapes_split_seed"),
-    "learner": ("lr", "betas", "eps", "weight_decay", "warmup_steps", "grad_clip", "lambda_c",
-                "weight_floor", "timestep_shift", "logit_mean", "logit_std", "ema_decay", "mixed_precision"),
-}
-
-
-@dataclass
-class TrainBatch:
-    """One learner batch: ``x0`` ``[B, C, h, w]`` normalised latents, ``R`` ``[B, h, w]`` reward maps
-    on the latent grid, ``alpha`` ``[B]`` global weights."""
-
-    prompts: list[str]
-    x0: torch.Tensor
-    R: torch.Tensor
-    alpha: torch.Tensor
-
-    @classmethod
-    def coerce(cls, batch: Any) -> TrainBatch:
-        """Accept a TrainBatch, a mapping or an object with the same fields (``weight_map`` is an
-        alias of ``R``); validate shapes."""
-        if isinstance(batch, cls):
-            b = batch
-        else:
-            get = batch.get if isinstance(batch, Mapping) else (lambda k, d=None: getattr(batch, k, d))
-            R = get("R")
-            if R is None:
-                R = get("weight_map")
-            missing = [k for k, v in (("prompts", get("prompts")), ("x0", get("x0")), ("R", R),
-                                      ("alpha", get("alpha"))) if v is None]
-            if missing:
-                raise ValueError(f"train batch is missing {missing}")
-            b = cls(list(get("prompts")), get("x0"), R, torch.as_tensor(get("alpha"), dtype=torch.float32))
-        n = len(b.prompts)
-        if b.x0.ndim != 4 or b.x0.shape[0] != n:
-            raise ValueError(f"x0 must be [B={n}, C, h, w], got {list(b.x0.shape)}")
-        if b.R.ndim not in (3, 4) or b.R.shape[0] != n or tuple(b.R.shape[-2:]) != tuple(b.x0.shape[-2:]):
-            raise ValueError(f"R must be [B, h, w] = {[n, *b.x0.shape[-2:]]}, got {list(b.R.shape)}")
-        alpha = torch.as_tensor(b.alpha, dtype=torch.float32)
-        if alpha.ndim == 0:
-            alpha = alpha.expand(n)
-        if alpha.shape != (n,):
-            raise ValueError(f"alpha must be [B={n}], got {list(alpha.shape)}")
-        b.alpha = alpha
-        return b
 
 
 class WarmupConstant:
@@ -104,16 +60,14 @@ class WarmupConstant:
 
 
 def training_hash(policy_cfg: PolicyConfig, learner_cfg: LearnerConfig) -> str:
-    """sha256 over the :data:`TRAINING_FIELDS` of the policy and learner configs."""
-    data = {
-        "policy": {k: policy_cfg.model_dump(mode="json")[k] for k in TRAINING_FIELDS["policy"]},
-        "learner": {k: learner_cfg.model_dump(mode="json")[k] for k in TRAINING_FIELDS["learner"]},
-    }
+    """sha256 over the fields that change the optimisation (each section's ``TRAINING_FIELDS``)."""
+    data = {name: {k: section.model_dump(mode="json")[k] for k in section.TRAINING_FIELDS}
+            for name, section in (("policy", policy_cfg), ("learner", learner_cfg))}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 class Learner:
-    """SRUM learner over a :class:`Policy` (see module docstring).
+    """SRUM learner over a :class:`~learner.base.Policy` (see module docstring).
 
     ``cfg`` is an ``SRUMConfig`` (seed from ``run.seed``) or a ``(PolicyConfig, LearnerConfig)``
     pair (seed from ``seed``, default 0).
@@ -154,11 +108,10 @@ class Learner:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def train_step(self, batch: TrainBatch | Mapping[str, Any] | Any) -> dict[str, float]:
-        """One SRUM step on ``batch`` (prompts, x0, R, alpha); returns metrics:
+    def train_step(self, b: TrainBatch) -> dict[str, float]:
+        """One SRUM step on ``b`` (prompts, x0, R, alpha); returns metrics:
         loss, l_r, l_ref, grad_norm, lr, step_time_s, samples, skipped, step, version."""
         t0 = time.perf_counter()
-        b = TrainBatch.coerce(batch)
         n, dev, c = len(b.prompts), self.device, self.cfg
         x0 = b.x0.to(dev, torch.float32)
         cond = self.policy.encode(b.prompts)
@@ -214,18 +167,88 @@ class Learner:
                     raise ValueError(f"EMA tensor {k}: shape {tuple(state[k].shape)}, want {tuple(e.shape)}")
                 e.copy_(state[k])
 
-    # ----------------------------------------------------------------------------- checkpoints
+    # ------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything an exact resume needs, as plain containers and CPU tensors (see
+        :mod:`learner.checkpoint` for how it is written)."""
+        version, trainable = self.policy.trainable_state()
+        return {
+            "meta": {"step": self.step, "version": version, "skipped_steps": self.skipped_steps, "seed": self.seed,
+                     "config_hash": self.config_hash, "training_hash": self.training_hash,
+                     "param_names": list(self.param_names)},
+            "trainable": trainable,
+            "ema": self.ema_state(),
+            "optimizer": {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            "rng": self._rng_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], *, allow_config_change: bool = False,
+                        source: str = "checkpoint") -> None:
+        """Restore weights, EMA, optimiser, scheduler, counters and RNG from :meth:`state_dict`'s output.
+
+        A different training hash is a :class:`CheckpointError` unless ``allow_config_change`` (then a
+        warning); any other config difference warns. ``source`` names the state in messages."""
+        meta = state["meta"]
+        if meta.get("training_hash") != self.training_hash:
+            msg = f"{source}: the training config (policy/learner fields that change the optimisation) differs " \
+                  "from the checkpoint's"
+            if not allow_config_change:
+                raise CheckpointError(msg + "; pass allow_config_change=True to resume anyway")
+            warnings.warn(msg, stacklevel=2)
+        elif meta.get("config_hash") != self.config_hash:
+            warnings.warn(f"{source}: config differs from the checkpoint's outside the training fields "
+                          "(e.g. run budget, judge, cluster); resuming", stacklevel=2)
+        if meta.get("param_names") != self.param_names:
+            raise CheckpointError(f"{source}: trainable parameter names differ from this learner's "
+                                  "(e.g. LoRA vs full fine-tuning, or another rank/targets)")
+        if state.get("ema") is None and self.ema is not None:
+            raise CheckpointError(f"{source}: checkpoint has no EMA but this learner keeps one")
+        try:
+            self.policy.load_trainable_state(state["trainable"], int(meta["version"]))
+            self.optimizer.load_state_dict(state["optimizer"]["optimizer"])
+            self.scheduler.load_state_dict(state["optimizer"]["scheduler"])
+            if state.get("ema") is not None and self.ema is not None:
+                self.load_ema_state(state["ema"])
+            self._set_rng_state(state["rng"])
+            self.step = int(meta["step"])
+            self.skipped_steps = int(meta.get("skipped_steps", 0))
+        except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+            raise CheckpointError(f"{source} does not fit this learner: {exc}") from exc
+
     def checkpoint(self, root: str | Path) -> Path:
-        """Save a checkpoint under ``root`` (see :mod:`learner.checkpoint`); returns the step dir."""
-        from learner.checkpoint import save_checkpoint
+        """Save :meth:`state_dict` under ``root`` (see :mod:`learner.checkpoint`); returns the step dir."""
+        return save_checkpoint(root, self.state_dict())
 
-        return save_checkpoint(root, self)
-
-    def resume(self, root: str | Path, allow_config_change: bool = False) -> Path:
+    def resume(self, root: str | Path, allow_config_change: bool = False, verify: bool = True) -> Path:
         """Restore the latest checkpoint under ``root`` (or a step dir); returns the step dir."""
-        from learner.checkpoint import load_checkpoint
+        state, step_dir = load_checkpoint(root, verify=verify)
+        self.load_state_dict(state, allow_config_change=allow_config_change, source=str(step_dir))
+        return step_dir
 
-        return load_checkpoint(root, self, allow_config_change=allow_config_change)
+    def _rng_state(self) -> dict[str, Any]:
+        """All RNG states as tensors and plain numbers (loadable with ``weights_only=True``)."""
+        np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+        py_version, py_state, py_gauss = random.getstate()
+        return {
+            "torch_cpu": torch.get_rng_state(),
+            "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "learner_generator": self.generator.get_state(),
+            "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                      "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+            "python": {"version": int(py_version), "state": torch.tensor(py_state, dtype=torch.int64),
+                       "gauss_next": py_gauss},
+        }
+
+    def _set_rng_state(self, state: Mapping[str, Any]) -> None:
+        torch.set_rng_state(state["torch_cpu"])
+        if state["torch_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["torch_cuda"])
+        self.generator.set_state(state["learner_generator"])
+        n = state["numpy"]
+        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+        p = state["python"]
+        random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss_next"]))
 
 
 def eval_flow_loss(policy: Policy, x0: torch.Tensor, prompts: Sequence[str], t: torch.Tensor,

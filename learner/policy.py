@@ -4,7 +4,7 @@ One adapter wraps diffusers' rectified-flow pipelines: ``StableDiffusion3Pipelin
 ``FluxPipeline`` ("flux"). Built from ``policy.pretrained`` (diffusers ``from_pretrained``) or from
 ``policy.tiny`` (random tiny pipelines from :mod:`learner.tiny`).
 
-Latent space. ``x0`` and the ``x_t`` passed to :meth:`Policy.velocity` live in the space the
+Latent space. ``x0`` and the ``x_t`` passed to :meth:`DiffusersPolicy.velocity` live in the space the
 transformer is trained in: the VAE latent *normalised* as ``(z - shift_factor) * scaling_factor``
 (this is what the pipelines return with ``output_type="latent"``), laid out ``[B, C, h, w]`` with
 ``h = H / vae_scale_factor``. For FLUX the transformer sees 2x2-packed tokens; packing and
@@ -19,62 +19,29 @@ Trainable tensors are kept in float32 (master weights) even when the pipeline ru
 
 Guidance. SD3 uses classifier-free guidance with the empty prompt as negative (as the pipeline
 does). FLUX uses the guidance value as the distilled guidance embedding (when the transformer has
-one), both for sampling and in :meth:`Policy.velocity`; FLUX's "true CFG" is not used.
+one), both for sampling and in :meth:`DiffusersPolicy.velocity`; FLUX's "true CFG" is not used.
 
-Version. ``Policy.version`` counts weight changes: the learner bumps it after every optimiser step
+Version. ``version`` counts weight changes: the learner bumps it after every optimiser step
 that changed the weights; :meth:`load_trainable_state` sets it to the publisher's version.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
-from peft import LoraConfig, get_peft_model_state_dict
+from peft import LoraConfig
 
+from core.config import DiffusersPolicyConfig
+from learner.base import ADAPTER_NAME, Conditioning, PromptCache, SampleBatch, TrainableState, resolve_device
 from learner.tiny import build_tiny
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PIPELINE_CLASSES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
-ADAPTER_NAME = "default"
-
-
-@dataclass
-class SampleBatch:
-    """Samples from :meth:`Policy.sample`.
-
-    ``images``: uint8 ``[B, H, W, 3]`` CPU; ``x0``: float32 CPU ``[B, C, h, w]`` normalised latents
-    (the space the transformer trains in); ``meta``: one dict per sample (seed, steps, guidance,
-    size, policy version, kind).
-    """
-
-    images: torch.Tensor
-    x0: torch.Tensor
-    prompts: list[str]
-    seeds: list[int]
-    meta: list[dict[str, Any]] = field(default_factory=list)
-    version: int = 0
-
-
-@dataclass
-class Conditioning:
-    """Frozen text-encoder outputs for a batch of prompts (on the policy's device and dtype)."""
-
-    embeds: torch.Tensor  # [B, L, D]
-    pooled: torch.Tensor  # [B, P]
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> cuda when available, else cpu; anything else is passed to ``torch.device``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _dtype_kwarg() -> str:
@@ -93,84 +60,7 @@ def load_pipeline(kind: str, pretrained: str, dtype: torch.dtype):
     return PIPELINE_CLASSES[kind].from_pretrained(pretrained, **{_dtype_kwarg(): dtype})
 
 
-class TrainableState:
-    """Trainable-state methods shared by the policy adapters; the class sets ``self._params`` (state-dict
-    key -> trainable parameter) and ``self.version``."""
-
-    _params: dict[str, torch.nn.Parameter]
-    version: int
-
-    def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        """Trainable parameters by state-dict key (see module docstring)."""
-        return dict(self._params)
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self._params.values())
-
-    def trainable_state(self) -> tuple[int, dict[str, torch.Tensor]]:
-        """``(version, {key: CPU tensor copy})`` of the trainable tensors only."""
-        return self.version, {k: p.detach().to("cpu", copy=True) for k, p in self._params.items()}
-
-    @torch.no_grad()
-    def load_trainable_state(self, state: Mapping[str, torch.Tensor], version: int | None = None) -> None:
-        """Copy ``state`` into the trainable tensors; names and shapes must match exactly.
-
-        Raises ``ValueError`` naming the first few missing, unexpected and mis-shaped keys.
-        """
-        missing = [k for k in self._params if k not in state]
-        unexpected = [k for k in state if k not in self._params]
-        bad = [f"{k}: got {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}, "
-               f"want {tuple(self._params[k].shape)}"
-               for k, v in state.items()
-               if k in self._params and (not isinstance(v, torch.Tensor) or v.shape != self._params[k].shape)]
-        if missing or unexpected or bad:
-            parts = []
-            for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad)):
-                if items:
-                    more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
-                    parts.append(f"{len(items)} {label}: {items[:5]}{more}")
-            raise ValueError("trainable state does not match this policy: " + "; ".join(parts))
-        for k, p in self._params.items():
-            p.copy_(state[k])
-        if version is not None:
-            self.version = int(version)
-
-
-class PromptCache:
-    """``encode`` shared by the policy adapters: text-encoder outputs from a bounded LRU cache keyed by
-    prompt text. The class sets ``self._cache`` (an ``OrderedDict``), ``self.cache_size``,
-    ``self.cache_hits``, ``self.cache_misses`` and ``self.dtype``, and implements ``_encode_uncached``."""
-
-    _cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]
-    cache_size: int
-    cache_hits: int
-    cache_misses: int
-    dtype: torch.dtype
-
-    def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(embeds [B, L, D], pooled [B, P])`` for ``prompts``, straight from the text encoder(s)."""
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def encode(self, prompts: Sequence[str]) -> Conditioning:
-        """Text-encoder outputs for ``prompts``, from a bounded LRU cache keyed by prompt text."""
-        prompts = list(prompts)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        self.cache_misses += len(missing)
-        self.cache_hits += len(prompts) - len(missing)
-        if missing:
-            embeds, pooled = self._encode_uncached(missing)
-            for i, p in enumerate(missing):
-                self._cache[p] = (embeds[i].to(self.dtype), pooled[i].to(self.dtype))
-        for p in prompts:
-            self._cache.move_to_end(p)
-        rows = [self._cache[p] for p in prompts]
-        while len(self._cache) > max(self.cache_size, len(set(prompts))):
-            self._cache.popitem(last=False)
-        return Conditioning(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
-
-
-class Policy(TrainableState, PromptCache):
+class DiffusersPolicy(TrainableState, PromptCache):
     """Adapter around a diffusers flow-matching pipeline (see module docstring)."""
 
     def __init__(
@@ -230,21 +120,16 @@ class Policy(TrainableState, PromptCache):
         else:
             self.transformer.requires_grad_(True)
         self.transformer.eval()
-        self._params = self._collect_trainable()
+        self._params = self.collect_trainable(self.transformer, lora=lora_rank > 0)
         for p in self._params.values():  # float32 master weights
             p.data = p.data.float()
 
     # ----------------------------------------------------------------------------------- building
     @classmethod
-    def from_config(cls, cfg: Any, seed: int = 0, **kwargs: Any) -> Policy:
-        """Build from a ``PolicyConfig``: ``pretrained`` -> ``from_pretrained``; else tiny random.
+    def from_config(cls, cfg: DiffusersPolicyConfig, seed: int = 0, **kwargs: Any) -> DiffusersPolicy:
+        """Build from the policy section: ``pretrained`` -> ``from_pretrained``; else a tiny random pipeline.
 
-        ``seed`` fixes the tiny model's weights and the LoRA initialisation. ``kind="shapes"`` gives the
-        shapes world's :class:`shapes.policy.ShapesPolicy` (same interface)."""
-        if cfg.kind == "shapes":
-            from shapes.policy import ShapesPolicy
-
-            return ShapesPolicy.from_config(cfg, seed=seed, **kwargs)
+        ``seed`` fixes the tiny model's weights and the LoRA initialisation."""
         dtype = DTYPES[cfg.dtype]
         if cfg.pretrained:
             pipe = load_pipeline(cfg.kind, cfg.pretrained, dtype)
@@ -259,18 +144,6 @@ class Policy(TrainableState, PromptCache):
             num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
             max_sequence_length=cfg.max_sequence_length, seed=seed, **kwargs,
         )
-
-    def _collect_trainable(self) -> dict[str, torch.nn.Parameter]:
-        named = {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
-        if self.lora_rank <= 0:
-            return named
-        strip = f".{ADAPTER_NAME}"
-        params = {n.replace(strip, ""): p for n, p in named.items()}
-        peft_keys = set(get_peft_model_state_dict(self.transformer, adapter_name=ADAPTER_NAME))
-        if peft_keys != set(params):
-            raise RuntimeError(f"LoRA parameter names disagree with peft's state dict: "
-                               f"{sorted(peft_keys ^ set(params))[:5]}")
-        return params
 
     # ------------------------------------------------------------------------------ conditioning
     def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,7 +190,6 @@ class Policy(TrainableState, PromptCache):
         steps = steps or self.num_inference_steps
         guidance = self.guidance_scale if guidance is None else guidance
         height, width = height or self.height, width or self.width
-        t0 = time.perf_counter()
         cond = self.encode(prompts)
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         kw: dict[str, Any] = dict(
@@ -333,12 +205,7 @@ class Policy(TrainableState, PromptCache):
             if self.kind == "flux":
                 latents = self.pipe._unpack_latents(latents, height, width, self.vae_scale_factor)
             images = self.decode(latents)
-        elapsed = time.perf_counter() - t0
-        meta = [dict(seed=s, prompt=p, steps=steps, guidance=guidance, height=height, width=width,
-                     version=self.version, kind=self.kind, sample_time_s=elapsed / len(prompts))
-                for p, s in zip(prompts, seeds, strict=True)]
-        return SampleBatch(images=images, x0=latents.float().cpu(), prompts=prompts, seeds=seeds,
-                           meta=meta, version=self.version)
+        return SampleBatch(images=images, x0=latents.float().cpu(), version=self.version)
 
     # ---------------------------------------------------------------------------------- training
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, prompts: Sequence[str] | None = None, *,

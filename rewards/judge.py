@@ -1,6 +1,6 @@
 """The understanding module as judge: one interface, two backends, three scoring modes.
 
-Backends (``JudgeConfig.backend``):
+Backends (``judge.backend``; the composition root, :mod:`srum.registry`, maps each to its class):
 
 * ``openai`` (:mod:`rewards.judge_openai`): any OpenAI-compatible chat-completions server (vLLM in
   production): several endpoints, least-in-flight balancing, a per-endpoint in-flight cap (the
@@ -55,12 +55,14 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.config import JudgeConfig
 from rewards import parse as P
 from rewards import prompts as Q
 
 log = logging.getLogger("srum.judge")
 
 Outcome = Literal["ok", "parse_failed", "clamped", "http_error", "timeout"]
+RequestKind = Literal["global", "sample", "regions", "grounding"]
 OUTCOMES: tuple[str, ...] = ("ok", "parse_failed", "clamped", "http_error", "timeout")
 TENTHS: tuple[int, ...] = tuple(Q.SCORE_TENTHS)
 DIGITS: tuple[str, ...] = tuple("0123456789")
@@ -68,8 +70,8 @@ W_LOGPROB_FALLBACK = "logprob_fallback"  # no allowed token in a probe's top log
 
 __all__ = [
     "BaseJudge", "Completion", "JudgeError", "JudgeHTTPError", "JudgeModelNotFoundError", "JudgeRequestError",
-    "JudgeResult", "JudgeTimeoutError", "JudgeUnavailableError", "PreparedImage", "RegionsJudgeResult",
-    "expected_score", "make_judge", "positional_regions_schema", "prepare_image", "tenths_distribution",
+    "JudgeResult", "JudgeTimeoutError", "RequestKind", "JudgeUnavailableError", "PreparedImage", "RegionsJudgeResult",
+    "expected_score", "positional_regions_schema", "prepare_image", "tenths_distribution",
 ]
 
 
@@ -245,14 +247,15 @@ class BaseJudge:
 
     backend = "base"
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: JudgeConfig):
         self.cfg = cfg
         self.mode: str = cfg.mode
         self._c = Counters()
-        self._listeners: list[Callable[[str, float], None]] = []
+        self._listeners: list[Callable[[RequestKind, str, float], None]] = []
 
-    def add_listener(self, fn: Callable[[str, float], None]) -> None:
-        """Call ``fn(outcome, latency_s)`` after every request (e.g. to export metrics)."""
+    def add_listener(self, fn: Callable[[RequestKind, str, float], None]) -> None:
+        """Call ``fn(kind, outcome, latency_s)`` after every request (e.g. to export metrics); ``kind`` is what
+        the request asked for: ``global``, ``sample``, ``regions`` or ``grounding``."""
         self._listeners.append(fn)
 
     # backend primitives ---------------------------------------------------------------------
@@ -281,11 +284,11 @@ class BaseJudge:
     # public API -------------------------------------------------------------------------------
     async def score_global(self, image: Any, prompt: str) -> JudgeResult:
         """Global-layout score of ``image`` for ``prompt``."""
-        return await self._score_single(prepare_image(image), prompt, Q.global_layout_prompt)
+        return await self._score_single(prepare_image(image), prompt, Q.global_layout_prompt, "global")
 
     async def score_sample(self, image: Any, prompt: str) -> JudgeResult:
         """Sample-level (whole-image) score, for ``reward.granularity == "sample"``."""
-        return await self._score_single(prepare_image(image), prompt, Q.sample_level_prompt)
+        return await self._score_single(prepare_image(image), prompt, Q.sample_level_prompt, "sample")
 
     async def score_regions(self, image: Any, prompt: str,
                             boxes: Sequence[Sequence[float]]) -> RegionsJudgeResult:
@@ -306,7 +309,7 @@ class BaseJudge:
                 parsed = P.parse_regions_text(comp.text, ids)
                 usage = [comp]
         except JudgeError as err:
-            self._record(err.kind, time.perf_counter() - t0, 0, 0)
+            self._record("regions", err.kind, time.perf_counter() - t0, 0, 0)
             raise
         results = [_from_parse(parsed.regions[k], label=True) for k in ids]
         if self.mode == "logprob":
@@ -315,7 +318,7 @@ class BaseJudge:
                 probed = await asyncio.gather(*[
                     self._expected(img, text, _region_prefix(k, r.label)) for k, r in zip(ids, results, strict=True)])
             except JudgeError as err:
-                self._record(err.kind, time.perf_counter() - t0, *_tokens(usage))
+                self._record("regions", err.kind, time.perf_counter() - t0, *_tokens(usage))
                 raise
             results = [r.model_copy(update={"score": s, "probs": tuple(pr), "outcome": "ok",
                                             "warnings": tuple(w for w in r.warnings if w != P.W_NO_SCORE) + warn})
@@ -325,21 +328,21 @@ class BaseJudge:
         pt, ct = _tokens(usage)
         outcome = _combine([r.outcome for r in results])
         self._c.regions_missing += sum(r.score is None for r in results)
-        self._record(outcome, latency, pt, ct)
+        self._record("regions", outcome, latency, pt, ct)
         results = [r.model_copy(update={"raw": comp.text, "latency_s": latency}) for r in results]
         return RegionsJudgeResult(regions=tuple(results), outcome=outcome, warnings=parsed.warnings,
                                   raw=comp.text, latency_s=latency, prompt_tokens=pt, completion_tokens=ct)
 
     async def complete(self, image: Any, text: str, max_tokens: int | None = None,
-                       schema: dict[str, Any] | None = None) -> Completion:
-        """A raw request (e.g. grounding), recorded as ``ok`` or its transport failure."""
+                       schema: dict[str, Any] | None = None, kind: RequestKind = "grounding") -> Completion:
+        """A raw request (grounding), recorded as ``ok`` or its transport failure under ``kind``."""
         t0 = time.perf_counter()
         try:
             comp = await self._chat(prepare_image(image), text, max_tokens or self.cfg.max_tokens, schema)
         except JudgeError as err:
-            self._record(err.kind, time.perf_counter() - t0, 0, 0)
+            self._record(kind, err.kind, time.perf_counter() - t0, 0, 0)
             raise
-        self._record("ok", time.perf_counter() - t0, comp.prompt_tokens, comp.completion_tokens)
+        self._record(kind, "ok", time.perf_counter() - t0, comp.prompt_tokens, comp.completion_tokens)
         return comp
 
     def counters(self) -> dict[str, Any]:
@@ -353,7 +356,8 @@ class BaseJudge:
                 **self._transport_counters()}
 
     # internals -------------------------------------------------------------------------------
-    def _record(self, outcome: str, latency: float, prompt_tokens: int, completion_tokens: int) -> None:
+    def _record(self, kind: RequestKind, outcome: str, latency: float, prompt_tokens: int,
+                completion_tokens: int) -> None:
         c = self._c
         c.requests += 1
         c.outcomes[outcome] = c.outcomes.get(outcome, 0) + 1
@@ -362,9 +366,9 @@ class BaseJudge:
         c.prompt_tokens += prompt_tokens
         c.completion_tokens += completion_tokens
         for fn in self._listeners:
-            fn(outcome, latency)
+            fn(kind, outcome, latency)
 
-    async def _score_single(self, img: PreparedImage, prompt: str, builder: Any) -> JudgeResult:
+    async def _score_single(self, img: PreparedImage, prompt: str, builder: Any, kind: RequestKind) -> JudgeResult:
         t0 = time.perf_counter()
         try:
             if self.mode == "logprob":
@@ -378,11 +382,11 @@ class BaseJudge:
                 comp = await self._chat(img, builder(prompt), self.cfg.max_tokens)
                 res, usage = _from_parse(P.parse_score_text(comp.text), raw=comp.text), [comp]
         except JudgeError as err:
-            self._record(err.kind, time.perf_counter() - t0, 0, 0)
+            self._record(kind, err.kind, time.perf_counter() - t0, 0, 0)
             raise
         latency = time.perf_counter() - t0
         pt, ct = _tokens(usage)
-        self._record(res.outcome, latency, pt, ct)
+        self._record(kind, res.outcome, latency, pt, ct)
         return res.model_copy(update={"latency_s": latency, "prompt_tokens": pt, "completion_tokens": ct})
 
     async def _expected(self, img: PreparedImage, text: str,
@@ -438,24 +442,3 @@ def _combine(outcomes: Sequence[str]) -> str:
 
 def _tokens(usage: Sequence[Completion]) -> tuple[int, int]:
     return sum(u.prompt_tokens for u in usage), sum(u.completion_tokens for u in usage)
-
-
-def make_judge(cfg: Any) -> BaseJudge:
-    """Build the judge for ``cfg`` (a ``JudgeConfig``). No I/O: call ``await judge.check_health()``
-    at start (the openai backend also runs it lazily before its first request when
-    ``cfg.health_check``)."""
-    if cfg.mode not in ("text", "structured", "logprob"):
-        raise ValueError(f"judge.mode={cfg.mode!r}: allowed 'text', 'structured', 'logprob'")
-    if cfg.backend == "openai":
-        from rewards.judge_openai import OpenAIJudge
-
-        return OpenAIJudge(cfg)
-    if cfg.backend == "transformers":
-        from rewards.judge_hf import TransformersJudge
-
-        return TransformersJudge(cfg)
-    if cfg.backend == "shapes":  # the learned understanding module of the shapes world
-        from shapes.judge import ShapesJudge
-
-        return ShapesJudge(cfg)
-    raise ValueError(f"judge.backend={cfg.backend!r}: allowed 'openai', 'transformers', 'shapes'")

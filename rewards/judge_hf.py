@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from core.config import TransformersJudgeConfig
 from rewards.judge import BaseJudge, Completion, PreparedImage
 
 log = logging.getLogger("srum.judge.hf")
@@ -212,7 +213,7 @@ class TransformersJudge(BaseJudge):
 
     backend = "transformers"
 
-    def __init__(self, cfg: Any, model: Any = None, processor: Any = None):
+    def __init__(self, cfg: TransformersJudgeConfig, model: Any = None, processor: Any = None):
         super().__init__(cfg)
         self.model, self.processor = model, processor
         self._load_lock = threading.Lock()

@@ -41,6 +41,7 @@ import httpx
 import openai
 from openai.types.chat import ChatCompletion
 
+from core.config import OpenAIJudgeConfig
 from rewards.judge import (
     BaseJudge,
     Completion,
@@ -141,7 +142,7 @@ class OpenAIJudge(BaseJudge):
 
     backend = "openai"
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: OpenAIJudgeConfig):
         super().__init__(cfg)
         if not cfg.endpoints:
             raise ValueError("judge.endpoints is empty: the openai backend needs at least one URL")
@@ -228,7 +229,7 @@ class OpenAIJudge(BaseJudge):
                 result = await _bounded(call(ep.client), self.cfg.timeout_s)
                 ep.consecutive_failures = 0
                 return result
-            except (asyncio.TimeoutError, openai.APITimeoutError) as err:
+            except (TimeoutError, openai.APITimeoutError) as err:
                 self._count(ep, "timeout")
                 last = JudgeTimeoutError(f"judge request to {ep.url} timed out after {self.cfg.timeout_s} s "
                                          f"({attempt + 1} attempt(s))")

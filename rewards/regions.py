@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.config import GroundingRegionsConfig, RegionsConfig, SamRegionsConfig
 from rewards import parse as P
 from rewards import prompts as Q
 
@@ -122,9 +123,10 @@ def _as_array(image: Any) -> np.ndarray:
 
 
 class RegionProposer:
-    """Base: ``propose`` (sync, boxes) and ``apropose`` (async, proposals)."""
+    """Base: ``propose`` (sync, boxes) and ``apropose`` (async, proposals); ``cfg`` is its regions section
+    (the composition root, :mod:`srum.registry`, maps ``regions.proposer`` to the class)."""
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: RegionsConfig):
         self.cfg = cfg
         self.calls = 0
         self.proposed = 0
@@ -137,6 +139,7 @@ class RegionProposer:
         return [p.box for p in asyncio.run(self.apropose(image, prompt))]
 
     def _select(self, cands: list[Proposal], width: int, height: int) -> list[Proposal]:
+        """The :func:`select_regions` of ``cands`` under this section's top_k / min_area_frac / dedup_iou."""
         kept = select_regions(cands, width, height, self.cfg.top_k, self.cfg.min_area_frac, self.cfg.dedup_iou)
         self.calls += 1
         self.proposed += len(kept)
@@ -151,9 +154,9 @@ class NoneProposer(RegionProposer):
 
 
 class SamProposer(RegionProposer):
-    """segment-anything's automatic mask generator (``sam_model_type``; ``"tiny"`` = random tiny SAM)."""
+    """segment-anything's automatic mask generator (``regions.model_type``; ``"tiny"`` = random tiny SAM)."""
 
-    def __init__(self, cfg: Any, device: str | None = None):
+    def __init__(self, cfg: SamRegionsConfig, device: str | None = None):
         super().__init__(cfg)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self._gen: Any = None
@@ -166,12 +169,12 @@ class SamProposer(RegionProposer):
                 from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
 
                 cfg = self.cfg
-                if cfg.sam_model_type == "tiny":
+                if cfg.model_type == "tiny":
                     sam = build_tiny_sam()
                 else:
-                    if cfg.sam_checkpoint is None:
-                        log.warning("regions.sam_checkpoint is null: SAM %s has random weights", cfg.sam_model_type)
-                    sam = sam_model_registry[cfg.sam_model_type](checkpoint=cfg.sam_checkpoint)
+                    if cfg.checkpoint is None:
+                        log.warning("regions.checkpoint is null: SAM %s has random weights", cfg.model_type)
+                    sam = sam_model_registry[cfg.model_type](checkpoint=cfg.checkpoint)
                 self._gen = SamAutomaticMaskGenerator(
                     sam.to(self.device).eval(), points_per_side=cfg.points_per_side,
                     pred_iou_thresh=cfg.pred_iou_thresh, stability_score_thresh=cfg.stability_score_thresh)
@@ -197,7 +200,7 @@ class GroundingProposer(RegionProposer):
     entries skipped and counted in ``bad_answers`` / ``unparsable``).
     """
 
-    def __init__(self, cfg: Any, judge: Any):
+    def __init__(self, cfg: GroundingRegionsConfig, judge: Any):
         super().__init__(cfg)
         self.judge = judge
         self.bad_answers = 0  # answers with at least one invalid box
@@ -208,7 +211,7 @@ class GroundingProposer(RegionProposer):
         h, w = arr.shape[:2]
         schema = None if getattr(self.judge, "mode", "text") == "text" else Q.grounding_json_schema(w, h)
         comp = await self.judge.complete(image if hasattr(image, "pil") else arr, Q.grounding_prompt(prompt, w, h),
-                                         schema=schema)
+                                         schema=schema, kind="grounding")
         parsed = P.parse_grounding_json(comp.text, w, h)
         self.bad_answers += P.W_BAD_BOX in parsed.warnings
         self.unparsable += P.W_BAD_JSON in parsed.warnings or P.W_EMPTY in parsed.warnings
@@ -217,23 +220,6 @@ class GroundingProposer(RegionProposer):
 
     def counters(self) -> dict[str, Any]:
         return {**super().counters(), "bad_answers": self.bad_answers, "unparsable": self.unparsable}
-
-
-def make_proposer(cfg: Any, judge: Any = None) -> RegionProposer:
-    """Proposer for ``cfg`` (a ``RegionsConfig``); ``grounding`` needs the judge."""
-    if cfg.proposer == "sam":
-        return SamProposer(cfg)
-    if cfg.proposer == "grounding":
-        if judge is None:
-            raise ValueError("regions.proposer='grounding' needs the judge (make_proposer(cfg, judge=...))")
-        return GroundingProposer(cfg, judge)
-    if cfg.proposer == "none":
-        return NoneProposer(cfg)
-    if cfg.proposer == "components":  # connected components (the shapes world)
-        from shapes.judge import ComponentsProposer
-
-        return ComponentsProposer(cfg)
-    raise ValueError(f"regions.proposer={cfg.proposer!r}: allowed 'sam', 'grounding', 'none', 'components'")
 
 
 # ----- keyword filter ----------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Pure functions over small torch tensors; no I/O, no model calls. The scorer turn
 :class:`Region` objects plus a global-layout score and calls :func:`build_reward_map`; the learner
 resizes the map to the latent grid with :func:`resize_map` and feeds ``alpha`` and ``R`` to the loss.
 
-Two semantics (``settings.semantics``):
+Two semantics (``reward.semantics``):
 
 ``official`` (the authors' released code)
     Every pixel starts at 0.5; a region with score ``s`` writes ``(s + 1) / 2`` into its box, merged
@@ -17,7 +17,7 @@ Two semantics (``settings.semantics``):
     ``background`` is ignored (fixed at 0.5).
 
 ``signed`` (the paper's text)
-    ``R`` in [-1, 1]. Pixels covered by no box hold ``settings.background`` (default 0.0); a covered
+    ``R`` in [-1, 1]. Pixels covered by no box hold ``reward.background`` (default 0.0); a covered
     pixel holds the merge of the scores of the boxes covering it: ``max``, ``min``, ``mean`` (plain
     mean of the covering scores; the background does not take part) or ``smallest`` (the box with the
     smallest clamped area wins; equal areas: the higher score wins, so the result does not depend on
@@ -45,62 +45,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = [
-    "DROP_NO_GLOBAL",
-    "DROP_GLOBAL_ZERO",
-    "DROP_NO_SAMPLE_SCORE",
-    "OFFICIAL_BACKGROUND",
-    "Region",
-    "RewardMap",
-    "RewardSettings",
-    "build_reward_map",
-    "check_reward_settings",
-    "global_to_alpha",
-    "resize_map",
-]
+from core.config import RewardConfig
+from core.records import DropReason, Region
+
+__all__ = ["OFFICIAL_BACKGROUND", "Region", "RewardMap", "build_reward_map", "global_to_alpha", "resize_map"]
 
 #: Background value of the official semantics (fixed, not configurable).
 OFFICIAL_BACKGROUND = 0.5
-
-#: ``RewardMap.drop_reason`` codes.
-DROP_NO_GLOBAL = "no_global_score"  # g is None/NaN and the global reward is in use
-DROP_GLOBAL_ZERO = "global_score_zero"  # official semantics, g == 0 exactly
-DROP_NO_SAMPLE_SCORE = "no_sample_score"  # sample granularity and no usable score at all
-
-_SEMANTICS = ("official", "signed")
-_MERGES = ("max", "mean", "min", "smallest")
-_GRANULARITIES = ("region", "sample")
-_RESIZE_MODES = ("area", "bilinear")
-
-
-class RewardSettings(Protocol):
-    """What :func:`build_reward_map` reads from its settings (``cluster.config.RewardConfig`` fits)."""
-
-    semantics: Literal["official", "signed"]
-    background: float
-    merge: Literal["max", "mean", "min", "smallest"]
-    granularity: Literal["region", "sample"]
-    binarize: bool
-    binarize_threshold: float
-    use_global: bool
-    resize: Literal["area", "bilinear"]
-
-
-class Region(BaseModel):
-    """One judged region: a pixel box and the judge's score for it (None when the judge gave none)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    box: tuple[float, float, float, float] = Field(description="pixel box [x1, y1, x2, y2], x right, y down")
-    score: float | None = Field(default=None, description="judge score in [-1, 1]; None = not scored")
-    label: str = Field(default="", description="object the judge identified in the region")
-    reason: str = Field(default="", description="judge's reason for the score")
+_RESIZE_MODES = get_args(RewardConfig.model_fields["resize"].annotation)
 
 
 @dataclass(frozen=True)
@@ -114,34 +71,13 @@ class RewardMap:
     R: torch.Tensor
     alpha: float
     drop: bool
-    drop_reason: str | None
+    drop_reason: DropReason | None
     skipped_boxes: int
     global_score: float | None
 
     def weight(self) -> torch.Tensor:
         """The per-pixel reward weight ``alpha * R`` ([H, W] float32)."""
         return self.R * self.alpha
-
-
-def check_reward_settings(cfg: RewardSettings) -> None:
-    """Raise ``ValueError`` naming the field when ``cfg`` holds a value this module cannot honour."""
-    if cfg.semantics not in _SEMANTICS:
-        raise ValueError(f"reward.semantics={cfg.semantics!r}: allowed {_SEMANTICS}")
-    if cfg.merge not in _MERGES:
-        raise ValueError(f"reward.merge={cfg.merge!r}: allowed {_MERGES}")
-    if cfg.granularity not in _GRANULARITIES:
-        raise ValueError(f"reward.granularity={cfg.granularity!r}: allowed {_GRANULARITIES}")
-    if cfg.resize not in _RESIZE_MODES:
-        raise ValueError(f"reward.resize={cfg.resize!r}: allowed {_RESIZE_MODES}")
-    if cfg.semantics == "official" and cfg.merge != "max":
-        raise ValueError(
-            f"reward.merge={cfg.merge!r} with reward.semantics='official': the official semantics "
-            "merges with 'max' only; use semantics='signed' for other merge rules"
-        )
-    if cfg.semantics == "signed" and not (math.isfinite(cfg.background) and -1.0 <= cfg.background <= 1.0):
-        raise ValueError(f"reward.background={cfg.background!r}: must be a finite number in [-1, 1]")
-    if not math.isfinite(cfg.binarize_threshold):
-        raise ValueError(f"reward.binarize_threshold={cfg.binarize_threshold!r}: must be finite")
 
 
 def global_to_alpha(g: float) -> float:
@@ -233,7 +169,7 @@ def build_reward_map(
     global_score: float | None,
     height: int,
     width: int,
-    cfg: RewardSettings,
+    cfg: RewardConfig,
     sample_score: float | None = None,
 ) -> RewardMap:
     """Build the per-pixel reward map of one sample (see the module docstring for the semantics).
@@ -242,7 +178,6 @@ def build_reward_map(
     are judge scores in [-1, 1] (clamped; NaN is treated as None). Raises ``ValueError`` for bad sizes
     or settings; never for bad boxes or scores, which are skipped and counted.
     """
-    check_reward_settings(cfg)
     if int(height) != height or int(width) != width or height < 1 or width < 1:
         raise ValueError(f"height and width must be positive integers, got {height!r} x {width!r}")
     height, width = int(height), int(width)
@@ -250,13 +185,13 @@ def build_reward_map(
     background = OFFICIAL_BACKGROUND if official else float(cfg.background)
 
     g = _finite_or_none(global_score)
-    drop_reason: str | None = None
+    drop_reason: DropReason | None = None
     if cfg.use_global:
         alpha = 0.0 if g is None else global_to_alpha(g)
         if g is None:
-            drop_reason = DROP_NO_GLOBAL
+            drop_reason = DropReason.NO_GLOBAL_SCORE
         elif official and g == 0.0:
-            drop_reason = DROP_GLOBAL_ZERO
+            drop_reason = DropReason.GLOBAL_SCORE_ZERO
     else:
         alpha = 1.0
 
@@ -267,7 +202,7 @@ def build_reward_map(
             s = g
         if s is None:
             R = torch.full((height, width), background, dtype=torch.float32)
-            drop_reason = drop_reason or DROP_NO_SAMPLE_SCORE
+            drop_reason = drop_reason or DropReason.NO_SAMPLE_SCORE
         else:
             R = torch.full((height, width), (s + 1.0) / 2.0 if official else s, dtype=torch.float32)
     else:

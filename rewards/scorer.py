@@ -14,8 +14,8 @@
 * ``reward.use_global == False``: the global score is not requested at all.
 
 Failures: any exception while scoring a sample (a judge call that failed after its retries, a
-proposer error) gives a :class:`ScoredSample` with ``failed=True``, ``drop=True``,
-``drop_reason="judge_failed"`` and the error text; it is logged and counted, never raised.
+proposer error) gives a :class:`ScoredSample` with ``drop_reason=DropReason.JUDGE_FAILED`` (``failed``)
+and the error text; it is logged and counted, never raised.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 
-from rewards.judge import JudgeError, JudgeResult, RegionsJudgeResult, prepare_image
-from rewards.regions import Proposal, keyword_filter
-from rewards.reward_map import Region, RewardMap, build_reward_map, resize_map
+from core.config import RewardConfig
+from core.records import DropReason, Region
+from rewards.judge import BaseJudge, JudgeError, JudgeResult, RegionsJudgeResult, prepare_image
+from rewards.regions import Proposal, RegionProposer, keyword_filter
+from rewards.reward_map import RewardMap, build_reward_map, resize_map
 
 log = logging.getLogger("srum.scorer")
-
-DROP_JUDGE_FAILED = "judge_failed"
 
 
 @dataclass
@@ -50,29 +50,34 @@ class ScoredSample:
     alpha: float = 0.0
     reward_map: RewardMap | None = None
     R_latent: torch.Tensor | None = None
-    drop: bool = True
-    drop_reason: str | None = None
-    failed: bool = False
+    drop_reason: DropReason | None = None
     error: str | None = None
     n_proposed: int = 0
     n_filtered: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def drop(self) -> bool:
+        """Not to be trained on (judge failure, or the reward map's own drop rule)."""
+        return self.drop_reason is not None
+
+    @property
+    def failed(self) -> bool:
+        """The judge or the proposer failed for this sample."""
+        return self.drop_reason == DropReason.JUDGE_FAILED
+
 
 class SampleScorer:
-    """Score samples with ``judge`` and ``proposer`` under ``reward_cfg`` (a ``RewardConfig``).
-
-    ``keyword_filter`` defaults to ``proposer.cfg.keyword_filter`` (``RegionsConfig``);
+    """Score samples with ``judge`` and ``proposer`` under ``reward_cfg``; ``keyword_filter`` keeps only
+    regions whose identified object matches a prompt word (``regions.keyword_filter``);
     ``max_concurrency`` bounds :meth:`score_many`.
     """
 
-    def __init__(self, judge: Any, proposer: Any, reward_cfg: Any, keyword_filter: bool | None = None,
-                 max_concurrency: int = 8):
+    def __init__(self, judge: BaseJudge, proposer: RegionProposer, reward_cfg: RewardConfig,
+                 keyword_filter: bool = False, max_concurrency: int = 8):
         self.judge = judge
         self.proposer = proposer
         self.cfg = reward_cfg
-        if keyword_filter is None:
-            keyword_filter = bool(getattr(getattr(proposer, "cfg", None), "keyword_filter", False))
         self.keyword_filter = keyword_filter
         self.max_concurrency = max(1, int(max_concurrency))
         self.counts: dict[str, int] = {"scored": 0, "failed": 0, "dropped": 0, "regions_proposed": 0,
@@ -105,7 +110,7 @@ class SampleScorer:
             out.R_latent = resize_map(rmap.R, h, w, mode=self.cfg.resize)
             out.timings["map_s"] = time.perf_counter() - t1
             out.regions, out.reward_map = regions, rmap
-            out.alpha, out.drop, out.drop_reason = rmap.alpha, rmap.drop, rmap.drop_reason
+            out.alpha, out.drop_reason = rmap.alpha, rmap.drop_reason
         except Exception as err:  # contract: a failed sample, never an exception
             kind = err.kind if isinstance(err, JudgeError) else type(err).__name__
             self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -113,8 +118,8 @@ class SampleScorer:
                 log.warning("scoring failed for prompt %r: %s", prompt[:80], err)
             else:
                 log.exception("scoring failed for prompt %r", prompt[:80])
-            out = ScoredSample(prompt=prompt, failed=True, error=f"{type(err).__name__}: {err}", drop=True,
-                               drop_reason=DROP_JUDGE_FAILED, timings=out.timings)
+            out = ScoredSample(prompt=prompt, error=f"{type(err).__name__}: {err}",
+                               drop_reason=DropReason.JUDGE_FAILED, timings=out.timings)
         out.timings["total_s"] = time.perf_counter() - t0
         self._count(out)
         return out

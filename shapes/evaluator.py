@@ -33,11 +33,13 @@ from shapes.world import (
     SHAPES,
     Spec,
     connected_components,
+    make_split,
+    prompt_of,
     relation_holds,
     shape_mask,
 )
 
-__all__ = ["Detection", "accuracy", "check", "classify_shape", "detect", "pixel_colors"]
+__all__ = ["Detection", "HeldoutEvaluator", "accuracy", "check", "classify_shape", "detect", "pixel_colors"]
 
 _PALETTE_NAMES: tuple[str, ...] = ("background", *COLORS)
 _WHITE = np.array(BACKGROUND, dtype=np.float32)
@@ -187,3 +189,25 @@ def _check_image(image: Any) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
         raise ValueError(f"image must be uint8 HxWx3, got {arr.dtype} {arr.shape}")
     return arr
+
+
+class HeldoutEvaluator:
+    """:func:`accuracy` of a policy's samples on the world's held-out prompts (the split of ``split_seed``),
+    ``seeds_per_prompt`` images each with seeds ``seed, seed + 1, ...``, sampled with CFG ``guidance``
+    (None = the policy's own) in chunks of ``batch_size``."""
+
+    def __init__(self, split_seed: int = 0, seeds_per_prompt: int = 2, guidance: float | None = None,
+                 seed: int = 10_000, batch_size: int = 66):
+        _, held = make_split(split_seed)
+        self.specs = [s for s in held for _ in range(seeds_per_prompt)]
+        self.prompts = [prompt_of(s) for s in self.specs]
+        self.seeds = list(range(seed, seed + len(self.specs)))
+        self.guidance, self.batch_size = guidance, batch_size
+
+    def evaluate(self, policy: Any) -> dict[str, float]:
+        images = []
+        for i in range(0, len(self.specs), self.batch_size):
+            batch = policy.sample(self.prompts[i:i + self.batch_size], self.seeds[i:i + self.batch_size],
+                                  guidance=self.guidance)
+            images += list(batch.images.numpy())
+        return accuracy(images, self.specs)

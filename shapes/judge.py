@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from core.config import ComponentsRegionsConfig, ShapesJudgeConfig
 from rewards import prompts as Q
 from rewards.judge import BaseJudge, Completion, PreparedImage
 from rewards.regions import Proposal, RegionProposer
@@ -59,7 +60,7 @@ class ComponentsProposer(RegionProposer):
     """Boxes of the foreground components (:func:`components`), padded by ``pad`` pixels, then the
     standard selection (min area, top-k by component area, IoU de-duplication)."""
 
-    def __init__(self, cfg: Any, pad: int = 1):
+    def __init__(self, cfg: ComponentsRegionsConfig, pad: int = 1):
         super().__init__(cfg)
         self.pad = int(pad)
 
@@ -247,13 +248,13 @@ def probe_probs(score: float, suffix: str, chars: Sequence[str]) -> dict[str, fl
 class ShapesJudge(BaseJudge):
     """The shapes world's understanding module as a judge backend (module docstring).
 
-    ``cfg`` is a ``JudgeConfig`` (only ``mode`` and ``max_tokens`` are used). ``perception``
+    ``cfg`` is the judge section (only ``mode`` and ``max_tokens`` are used). ``perception``
     defaults to :meth:`ShapesPerception.load_or_train` (cached on disk).
     """
 
     backend = "shapes"
 
-    def __init__(self, cfg: Any, perception: ShapesPerception | None = None):
+    def __init__(self, cfg: ShapesJudgeConfig, perception: ShapesPerception | None = None):
         super().__init__(cfg)
         self._perception = perception
 

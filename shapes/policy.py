@@ -1,4 +1,4 @@
-"""The shapes world's base generation module behind the :class:`learner.policy.Policy` interface.
+"""The shapes world's base generation module behind the :class:`learner.base.Policy` interface.
 
 A small rectified-flow generator in *pixel space*: ``x0`` is the image as a float tensor
 ``[B, 3, 32, 32]`` scaled to ``[-1, 1]`` (``x0 = uint8 / 127.5 - 1``), so reward maps at image
@@ -12,7 +12,7 @@ world's vocabulary (:class:`WordTokenizer`, :class:`TextEncoder`). Both are pret
 :mod:`shapes.pretrain`; afterwards the text encoder is frozen (eval mode, no grad) and only the
 denoiser is trainable, fully or through a peft LoRA adapter (``lora_rank > 0``).
 
-Conventions (same as :mod:`learner.policy` and :mod:`learner.loss`): ``x_t = (1 - t) x0 + t noise``,
+Conventions (same as :mod:`learner.base` and :mod:`learner.loss`): ``x_t = (1 - t) x0 + t noise``,
 velocity target ``noise - x0``; sampling integrates Euler steps from ``t = 1`` to ``t = 0``. The
 denoiser sees ``timestep = 1000 t``. Classifier-free guidance uses the empty prompt's encoding as the
 null conditioning; it is *learned* (prompts are dropped to "" during pretraining).
@@ -24,20 +24,18 @@ uses no other randomness.
 from __future__ import annotations
 
 import re
-import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from diffusers import SD3Transformer2DModel, UNet2DConditionModel
-from peft import LoraConfig, get_peft_model_state_dict
+from peft import LoraConfig
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from learner.policy import Conditioning, PromptCache, SampleBatch, TrainableState, resolve_device
+from learner.base import ADAPTER_NAME, Conditioning, PromptCache, SampleBatch, TrainableState
 
-ADAPTER_NAME = "default"
 PAD, UNK, CLS = "<pad>", "<unk>", "<cls>"
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -183,9 +181,9 @@ def flow_timesteps(steps: int, shift: float = 1.0) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ policy
 class ShapesPolicy(TrainableState, PromptCache):
-    """The shapes generator with :class:`learner.policy.Policy`'s interface (module docstring).
+    """The shapes generator with :class:`learner.base.Policy`'s interface (module docstring).
 
-    Build with :meth:`from_config` (pretrains or loads the cached base) or directly from modules.
+    Build with :func:`shapes.pretrain.load_policy` (pretrains or loads the cached base) or from modules.
     """
 
     kind = "shapes"
@@ -234,49 +232,7 @@ class ShapesPolicy(TrainableState, PromptCache):
                 )
         else:
             self.transformer.requires_grad_(True)
-        self._params = self._collect_trainable()
-
-    # ----------------------------------------------------------------------------------- building
-    @classmethod
-    def from_config(cls, cfg: Any, seed: int = 0, **kwargs: Any) -> ShapesPolicy:
-        """Build from a ``PolicyConfig``: load the cached pretrained base, pretraining it first when
-        it is not cached (:func:`shapes.pretrain.ensure_base`; settings from the ``policy.pretrain_*``
-        fields, read with defaults while the config lacks them).
-
-        ``seed`` only seeds the LoRA initialisation: the base depends on ``policy.pretrain_seed``, so
-        every run seed starts from the same base.
-        """
-        from shapes.pretrain import load_base, settings_from_config
-
-        if getattr(cfg, "dtype", "float32") != "float32":
-            raise ValueError(f"policy.dtype must be 'float32' for kind 'shapes', got {cfg.dtype!r}")
-        arch, settings, cache_dir = settings_from_config(cfg)
-        for name in ("height", "width"):
-            v = getattr(cfg, name, arch.image_size)
-            if v != arch.image_size:
-                raise ValueError(f"policy.{name} must be {arch.image_size} for kind 'shapes' "
-                                 f"(the world's render size), got {v}")
-        text_encoder, denoiser, tokenizer = load_base(arch, settings, cache_dir)
-        return cls(
-            text_encoder, denoiser, tokenizer, arch, device=resolve_device(getattr(cfg, "device", "auto")),
-            num_inference_steps=getattr(cfg, "num_inference_steps", 16),
-            guidance_scale=getattr(cfg, "guidance_scale", 3.0),
-            sample_shift=getattr(cfg, "sample_shift", 3.0),
-            lora_rank=getattr(cfg, "lora_rank", 0), lora_alpha=getattr(cfg, "lora_alpha", 16.0),
-            lora_target_modules=tuple(getattr(cfg, "lora_target_modules", ("to_q", "to_k", "to_v", "to_out.0"))),
-            seed=seed, **kwargs,
-        )
-
-    def _collect_trainable(self) -> dict[str, torch.nn.Parameter]:
-        named = {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
-        if self.lora_rank <= 0:
-            return named
-        params = {n.replace(f".{ADAPTER_NAME}", ""): p for n, p in named.items()}
-        peft_keys = set(get_peft_model_state_dict(self.transformer, adapter_name=ADAPTER_NAME))
-        if peft_keys != set(params):
-            raise RuntimeError(f"LoRA parameter names disagree with peft's state dict: "
-                               f"{sorted(peft_keys ^ set(params))[:5]}")
-        return params
+        self._params = self.collect_trainable(self.transformer, lora=self.lora_rank > 0)
 
     # ------------------------------------------------------------------------------ conditioning
     @torch.no_grad()
@@ -320,7 +276,6 @@ class ShapesPolicy(TrainableState, PromptCache):
         for name, v in (("height", height), ("width", width)):
             if v is not None and v != size:
                 raise ValueError(f"{name} must be {size} for the shapes policy, got {v}")
-        t0 = time.perf_counter()
         cond = self.encode(prompts)
         null = self.encode([""] * len(prompts)) if guidance > 1.0 else None
         x = torch.stack([torch.randn(3, size, size, generator=torch.Generator("cpu").manual_seed(s))
@@ -331,12 +286,7 @@ class ShapesPolicy(TrainableState, PromptCache):
         # clamp to the data range: x0 is then exactly the image that is judged (and trained toward), not
         # out-of-range values the pretraining data never had
         x0 = x.float().cpu().clamp(-1.0, 1.0)
-        images = x0_to_images(x0)
-        elapsed = time.perf_counter() - t0
-        meta = [dict(seed=s, prompt=p, steps=steps, guidance=guidance, height=size, width=size,
-                     version=self.version, kind=self.kind, sample_time_s=elapsed / len(prompts))
-                for p, s in zip(prompts, seeds, strict=True)]
-        return SampleBatch(images=images, x0=x0, prompts=prompts, seeds=seeds, meta=meta, version=self.version)
+        return SampleBatch(images=x0_to_images(x0), x0=x0, version=self.version)
 
     # ---------------------------------------------------------------------------------- training
     def _forward(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,

@@ -38,9 +38,19 @@ from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, safe_open, save_file
 
+from core.config import ShapesPolicyConfig
+from learner.base import resolve_device
 from learner.loss import rf_interpolate, rf_target, sample_timesteps
 from shapes import world
-from shapes.policy import ShapesArch, TextEncoder, WordTokenizer, build_denoiser, denoise, world_vocabulary
+from shapes.policy import (
+    ShapesArch,
+    ShapesPolicy,
+    TextEncoder,
+    WordTokenizer,
+    build_denoiser,
+    denoise,
+    world_vocabulary,
+)
 
 log = logging.getLogger("srum.shapes.pretrain")
 
@@ -101,20 +111,12 @@ def base_path(arch: ShapesArch, settings: PretrainSettings, cache_dir: str | Pat
     return root / f"shapes_base_{cache_key(arch, settings)}.safetensors"
 
 
-def settings_from_config(cfg: Any) -> tuple[ShapesArch, PretrainSettings, Path]:
-    """Architecture, pretraining settings and cache dir from a ``PolicyConfig``.
-
-    Reads ``policy.pretrain_steps``, ``policy.pretrain_seed``, ``policy.pretrain_cache_dir`` (null =
-    :func:`default_cache_dir`) and ``policy.shapes_split_seed`` with defaults while the config model
-    lacks them; the architecture is :class:`ShapesArch`'s defaults.
-    """
-    settings = PretrainSettings(
-        steps=getattr(cfg, "pretrain_steps", DEFAULT_STEPS),
-        seed=getattr(cfg, "pretrain_seed", 0),
-        split_seed=getattr(cfg, "shapes_split_seed", 0),
-    )
-    cache_dir = getattr(cfg, "pretrain_cache_dir", None)
-    return ShapesArch(), settings, Path(cache_dir) if cache_dir else default_cache_dir()
+def settings_from_config(cfg: ShapesPolicyConfig) -> tuple[ShapesArch, PretrainSettings, Path]:
+    """Architecture (:class:`ShapesArch`'s defaults), pretraining settings and cache dir of the policy section
+    (``policy.pretrain_steps``, ``pretrain_seed``, ``split_seed``; ``pretrain_cache_dir`` null =
+    :func:`default_cache_dir`)."""
+    settings = PretrainSettings(steps=cfg.pretrain_steps, seed=cfg.pretrain_seed, split_seed=cfg.split_seed)
+    return ShapesArch(), settings, Path(cfg.pretrain_cache_dir) if cfg.pretrain_cache_dir else default_cache_dir()
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -257,25 +259,24 @@ def load_base(arch: ShapesArch | None = None, settings: PretrainSettings | None 
     return text_encoder, denoiser, tokenizer
 
 
-# ------------------------------------------------------------------------------------- evaluation
-def heldout_accuracy(policy: Any, seeds_per_prompt: int = 2, split_seed: int = 0, seed: int = 10_000,
-                     batch_size: int = 66, **sample_kw: Any) -> dict[str, float]:
-    """:func:`shapes.evaluator.accuracy` of ``policy`` samples on the held-out prompts
-    (``seeds_per_prompt`` seeds each, seeds ``seed, seed + 1, ...``)."""
-    from shapes.evaluator import accuracy
+def load_policy(cfg: ShapesPolicyConfig, seed: int = 0) -> ShapesPolicy:
+    """The shapes policy of a policy section: the cached pretrained base (pretrained first when it is not
+    cached; settings from ``policy.pretrain_*``), sampling and LoRA settings from the section.
 
-    _, held = world.make_split(split_seed)
-    specs = [s for s in held for _ in range(seeds_per_prompt)]
-    prompts = [world.prompt_of(s) for s in specs]
-    seeds = list(range(seed, seed + len(specs)))
-    images = []
-    for i in range(0, len(specs), batch_size):
-        images += list(policy.sample(prompts[i:i + batch_size], seeds[i:i + batch_size], **sample_kw).images.numpy())
-    return accuracy(images, specs)
+    ``seed`` only seeds the LoRA initialisation: the base depends on ``policy.pretrain_seed``, so every run
+    seed starts from the same base."""
+    arch, settings, cache_dir = settings_from_config(cfg)
+    text_encoder, denoiser, tokenizer = load_base(arch, settings, cache_dir)
+    return ShapesPolicy(
+        text_encoder, denoiser, tokenizer, arch, device=resolve_device(cfg.device),
+        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+        sample_shift=cfg.sample_shift, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+        lora_target_modules=tuple(cfg.lora_target_modules), seed=seed,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    from shapes.policy import ShapesPolicy
+    from shapes.evaluator import HeldoutEvaluator
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         te, dn, tok = load_base(arch, settings, args.cache_dir)
         pol = ShapesPolicy(te, dn, tok, arch, num_inference_steps=args.sample_steps, guidance_scale=args.guidance)
         t0 = time.perf_counter()
-        acc = heldout_accuracy(pol, seeds_per_prompt=args.eval)
+        acc = HeldoutEvaluator(seeds_per_prompt=args.eval).evaluate(pol)
         print(f"held-out accuracy ({time.perf_counter() - t0:.1f}s): " + json.dumps({k: round(v, 3) for k, v in acc.items()}))
 
 

@@ -25,14 +25,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+
+from core.prompt_sets import PromptRecord
 
 __all__ = [
     "BACKGROUND", "CATEGORIES", "COLORS", "COUNT_WORDS", "RELATIONS", "SHAPES", "ObjSpec", "Spec",
     "all_specs", "connected_components", "make_split", "parse_prompt", "prompt_of", "relation_holds",
-    "render", "shape_mask", "split_info", "write_prompt_files",
+    "prompt_records", "render", "shape_mask", "split_info",
 ]
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
@@ -246,22 +247,13 @@ def make_split(seed: int = 0, n_heldout: dict[str, int] | None = None) -> tuple[
     return train, held
 
 
-def write_prompt_files(directory: str | Path, seed: int = 0) -> tuple[Path, Path]:
-    """Write ``shapes_train.txt`` and ``shapes_heldout.txt`` (one prompt per line, ``#`` header)."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    train, held = make_split(seed)
-    info = split_info(seed)
-    paths = []
-    for name, specs in (("shapes_train.txt", train), ("shapes_heldout.txt", held)):
-        header = [f"# srum shapes world, {name[7:-4]} prompts (shapes.world.make_split(seed={seed})); "
-                  "regenerate with shapes.world.write_prompt_files.",
-                  f"# held-out kinds (never in two-object training prompts): {list(info.held_kinds)}",
-                  f"# held-out spatial combos (shape, relation, shape): {list(info.held_combos)}"]
-        p = d / name
-        p.write_text("\n".join(header + [prompt_of(s) for s in specs]) + "\n", encoding="utf-8")
-        paths.append(p)
-    return paths[0], paths[1]
+def prompt_records(split_seed: int = 0, which: str = "train") -> list[PromptRecord]:
+    """The ``train`` or ``heldout`` prompts of the split of ``split_seed`` as prompt records (id = index,
+    category = the spec's), the one source of the world's prompt sets."""
+    if which not in ("train", "heldout"):
+        raise ValueError(f"which must be 'train' or 'heldout', got {which!r}")
+    specs = make_split(split_seed)[which == "heldout"]
+    return [PromptRecord(id=f"{which}-{i}", text=prompt_of(s), category=s.category) for i, s in enumerate(specs)]
 
 
 # ----- relation semantics ----------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""ReplayBuffer: FIFO capacity, staleness, sampling without replacement, recency bias, exact accounting,
-and (with a local Ray) that only object references travel through the buffer actor."""
+"""ReplayBuffer: FIFO capacity, staleness, sampling without replacement, recency bias, exact accounting;
+and (with a local Ray) that only object references reach the learner host, which fetches a whole draw
+at once and separates lost objects."""
 
 from __future__ import annotations
 
@@ -10,17 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.buffer import AccountingError, ReplayBuffer, resolve_entries
-from cluster.records import BufferEntry, SampleMeta, TrainSample, make_entry
+from actors.learner_host import _fetch
+from cluster.buffer import AccountingError, ReplayBuffer
+from core.prompt_sets import PromptRecord
+from core.records import DropReason, SampleRecord, SampleTensors, TrainSample
 from tests.ray_cluster import local_ray, wait_until_lost
 
 
-def meta(i: int, version: int = 0, **kw) -> SampleMeta:
-    return SampleMeta(sample_id=f"id{i}", prompt_id=f"p{i}", prompt=f"prompt {i}", policy_version=version, **kw)
+def record(i: int, version: int = 0, **kw) -> SampleRecord:
+    return SampleRecord(sample_id=f"id{i}", prompt=PromptRecord(id=f"p{i}", text=f"prompt {i}"),
+                        policy_version=version, **kw)
 
 
-def entry(i: int, version: int = 0, **kw) -> BufferEntry:
-    return BufferEntry(meta=meta(i, version, **kw), ref=f"payload-{i}")
+def entry(i: int, version: int = 0, **kw) -> TrainSample:
+    return TrainSample(record(i, version, **kw), f"payload-{i}")
 
 
 def plain(capacity: int = 8, max_staleness: int = 100, recency_bias: float = 0.0, seed: int = 0) -> ReplayBuffer:
@@ -38,18 +42,18 @@ def test_fifo_eviction_keeps_newest_and_counts_evicted():
     assert buf.check_invariant()
 
 
-def test_flagged_duplicate_and_recorded_drops_are_counted_by_reason():
+def test_dropped_duplicate_and_recorded_drops_are_counted_by_reason():
     buf = plain()
     entered = buf.add([
         entry(0),
-        entry(1, drop=True, drop_reason="zero_global"),
-        entry(2, drop=True),  # no reason given
+        entry(1, drop_reason=DropReason.GLOBAL_SCORE_ZERO),
+        entry(2, drop_reason=DropReason.JUDGE_FAILED),
         entry(0),  # same sample id again
     ])
     assert entered == 1
-    buf.record_drop("judge_failed", 3)
+    buf.record_drop(DropReason.SCORER_FAILED, 3)
     s = buf.stats()
-    assert s["dropped"] == {"duplicate": 1, "flagged": 1, "judge_failed": 3, "zero_global": 1}
+    assert s["dropped"] == {"duplicate": 1, "global_score_zero": 1, "judge_failed": 1, "scorer_failed": 3}
     assert (s["generated"], s["in_buffer"]) == (7, 1)
     assert buf.check_invariant()
 
@@ -133,10 +137,11 @@ def test_invariant_holds_after_a_random_sequence_of_operations():
                 sid = next_id if rng.random() > 0.05 else max(0, next_id - 1)  # some duplicates
                 next_id += 1
                 v = max(0, learner_version - rng.randint(0, 5))
-                batch.append(entry(sid, version=v, drop=rng.random() < 0.1, drop_reason=rng.choice([None, "zero_global"])))
+                reason = DropReason.GLOBAL_SCORE_ZERO if rng.random() < 0.1 else None
+                batch.append(entry(sid, version=v, drop_reason=reason))
             buf.add(batch)
         elif op < 0.55:
-            buf.record_drop(rng.choice(["judge_failed", "scorer_failed"]), rng.randint(0, 3))
+            buf.record_drop(rng.choice([DropReason.JUDGE_FAILED, DropReason.SCORER_FAILED]), rng.randint(0, 3))
         elif op < 0.9:
             learner_version += rng.random() < 0.5
             got = buf.sample(rng.randint(1, 5), learner_version)
@@ -188,10 +193,10 @@ def test_bad_arguments_give_clear_errors():
     with pytest.raises(TypeError, match="not a ray.ObjectRef"):
         strict.add([entry(0)])
     assert strict.stats()["generated"] == 0  # a rejected call changes nothing
-    with pytest.raises(TypeError, match="BufferEntry"):
-        plain().add([meta(0)])
-    with pytest.raises(ValueError, match="reason"):
-        plain().record_drop("", 1)
+    with pytest.raises(TypeError, match="TrainSample"):
+        plain().add([record(0)])
+    with pytest.raises(ValueError, match="DropReason"):
+        plain().record_drop("judge_fail", 1)  # a misspelt reason is an error, not a new counter
     with pytest.raises(ValueError, match="exceeds"):
         plain().mark_lost(1)
 
@@ -203,54 +208,57 @@ def ray_local():
         yield ray
 
 
-def test_remote_buffer_moves_refs_not_tensors(ray_local):
+class Inspector:
+    """An actor that reports what it received, as the learner host receives its draw."""
+
+    def kinds(self, batches: list[list[TrainSample]]) -> list[str]:
+        return [type(s.tensors).__name__ for b in batches for s in b]
+
+    def fetch(self, batches: list[list[TrainSample]]) -> tuple[dict[str, float], int]:
+        resolved, lost = _fetch([s for b in batches for s in b])
+        return {sid: float(s.tensors.x0[0, 0, 0]) for sid, s in resolved.items()}, lost
+
+
+def test_a_draw_reaches_the_learner_as_refs_and_is_fetched_whole(ray_local):
     ray = ray_local
-    buf = ray.remote(ReplayBuffer).options(num_cpus=0).remote(8, 2, 0.0, 0)
-    samples = [
-        TrainSample(x0=torch.full((4, 8, 8), float(i)), R=torch.rand(8, 8), alpha=0.5, prompt=f"p{i}", sample_id=f"id{i}")
-        for i in range(3)
-    ]
-    entries = [make_entry(meta(i, version=1), s) for i, s in enumerate(samples)]
-    assert all(isinstance(e.ref, ray.ObjectRef) for e in entries)
-    # The actor was built with require_refs=True: it would raise a TypeError had Ray resolved the refs.
-    assert ray.get(buf.add.remote(entries)) == 3
-    drawn = ray.get(buf.sample.remote(3, 1))
-    assert all(isinstance(e.ref, ray.ObjectRef) for e in drawn)
-    ok, lost = resolve_entries(drawn, timeout_s=30)
-    assert lost == []
-    by_id = {e.sample_id: s for e, s in ok}
-    for i, s in enumerate(samples):
-        assert torch.equal(by_id[f"id{i}"].x0, s.x0) and torch.equal(by_id[f"id{i}"].R, s.R)
-    # A tensor in place of a ref is refused by the actor, not silently copied through it.
+    buf = ReplayBuffer(8, 2, 0.0, 0)  # require_refs: the driver holds only references
+    tensors = [SampleTensors(x0=torch.full((4, 8, 8), float(i)), R=torch.rand(8, 8)) for i in range(3)]
+    assert buf.add([TrainSample(record(i, version=1), ray.put(t)) for i, t in enumerate(tensors)]) == 3
+    drawn = buf.sample(3, 1)
+    inspector = ray.remote(Inspector).options(num_cpus=0).remote()
+    # refs nested in a list argument reach the actor unresolved, so nothing is copied through the call
+    assert ray.get(inspector.kinds.remote([drawn])) == ["ObjectRef"] * 3
+    values, lost = ray.get(inspector.fetch.remote([drawn[:2], drawn[2:]]))
+    assert lost == 0 and values == {f"id{i}": float(i) for i in range(3)}
+    # tensors by value in place of a ref are refused, not silently held by the driver
     with pytest.raises(TypeError, match="not a ray.ObjectRef"):
-        ray.get(buf.add.remote([BufferEntry(meta=meta(9), ref=torch.zeros(3))]))
-    assert ray.get(buf.check_invariant.remote())
+        buf.add([TrainSample(record(9), tensors[0])])
+    assert buf.check_invariant()
 
 
 @pytest.fixture
 def owner_actor(ray_local):
     @ray_local.remote(num_cpus=0)
     class Owner:
-        def make(self, n: int) -> list:
-            return [ray_local.put(np.full(4, float(i))) for i in range(n)]  # owned by this actor
+        def make(self, n: int) -> list:  # objects owned by this actor
+            return [ray_local.put(SampleTensors(x0=torch.full((1, 2, 2), float(i)), R=torch.zeros(2, 2)))
+                    for i in range(n)]
 
     return Owner.remote()
 
 
-def test_buffer_never_resolves_refs_and_lost_objects_are_accounted(ray_local, owner_actor):
+def test_lost_objects_are_separated_and_accounted(ray_local, owner_actor):
     ray = ray_local
     *refs, probe = ray.get(owner_actor.make.remote(3))
-    buf = ray.remote(ReplayBuffer).options(num_cpus=0).remote(8, 2, 0.0, 0)
-    assert ray.get(buf.add.remote([BufferEntry(meta(i), r) for i, r in enumerate(refs)])) == 2
+    buf = ReplayBuffer(8, 2, 0.0, 0)
+    assert buf.add([TrainSample(record(i), r) for i, r in enumerate(refs)]) == 2
     ray.kill(owner_actor)  # the objects die with their owner; the buffer still holds the refs
     wait_until_lost(ray, probe)
-    live = ray.put(np.arange(3.0))
-    assert ray.get(buf.add.remote([BufferEntry(meta(5), live)])) == 1
-    drawn = ray.get(buf.sample.remote(3, 0))
-    ok, lost = resolve_entries(drawn, timeout_s=20)
-    assert [e.sample_id for e, _ in ok] == ["id5"] and np.array_equal(ok[0][1], np.arange(3.0))
-    assert sorted(e.sample_id for e, _ in lost) == ["id0", "id1"]
-    assert all("OwnerDied" in why or "ObjectLost" in why for _, why in lost)
-    ray.get(buf.mark_lost.remote(len(lost)))
-    s = ray.get(buf.stats.remote())
+    live = ray.put(SampleTensors(x0=torch.full((1, 2, 2), 5.0), R=torch.zeros(2, 2)))
+    assert buf.add([TrainSample(record(5), live)]) == 1
+    drawn = buf.sample(3, 0)
+    resolved, lost = _fetch(drawn)
+    assert list(resolved) == ["id5"] and float(resolved["id5"].tensors.x0[0, 0, 0]) == 5.0 and lost == 2
+    buf.mark_lost(lost)
+    s = buf.stats()
     assert (s["trained"], s["dropped"], s["generated"]) == (1, {"lost": 2}, 3)

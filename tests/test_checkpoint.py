@@ -10,25 +10,32 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.config import LearnerConfig, PolicyConfig, SRUMConfig
+from core.config import DiffusersPolicyConfig, LearnerConfig
+from core.config_io import validate_config
+from core.records import TrainBatch
 from learner import checkpoint as ckpt
-from learner.checkpoint import CheckpointError, find_latest, load_checkpoint, read_meta, save_checkpoint
+from learner.checkpoint import CheckpointError, find_latest, read_meta, save_checkpoint
 from learner.learner import Learner
-from learner.policy import Policy
+from learner.policy import DiffusersPolicy
 
 PROMPTS = ["a red cube", "a blue ball"]
 
 
 def make(lora_rank: int = 0, seed: int = 0, **learner_kw) -> Learner:
-    pc = PolicyConfig(lora_rank=lora_rank, device="cpu")
+    pc = DiffusersPolicyConfig(lora_rank=lora_rank, device="cpu")
     lc = LearnerConfig(**{"lr": 1e-3, "warmup_steps": 5, "ema_decay": 0.9, **learner_kw})
-    return Learner((pc, lc), Policy.from_config(pc, seed=0), seed=seed)
+    return Learner((pc, lc), DiffusersPolicy.from_config(pc, seed=0), seed=seed)
 
 
-def batch(i: int) -> dict:
+def batch(i: int) -> TrainBatch:
     g = torch.Generator().manual_seed(i)
-    return {"prompts": PROMPTS, "x0": torch.randn(2, 4, 32, 32, generator=g),
-            "R": torch.rand(2, 32, 32, generator=g), "alpha": torch.rand(2, generator=g)}
+    return TrainBatch(PROMPTS, torch.randn(2, 4, 32, 32, generator=g), torch.rand(2, 32, 32, generator=g),
+                      torch.rand(2, generator=g))
+
+
+def load_checkpoint(path: Path, learner: Learner, **kw) -> Path:
+    """Resume ``learner`` from ``path`` (what the learner host does)."""
+    return learner.resume(path, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +45,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     learner = make()
     for i in range(2):
         learner.train_step(batch(i))
-    save_checkpoint(root, learner)
+    save_checkpoint(root, learner.state_dict())
     return root
 
 
@@ -85,9 +92,9 @@ def test_resume_equals_uninterrupted(tmp_path: Path, lora_rank: int) -> None:
 def test_layout_and_latest_pointer(tmp_path: Path) -> None:
     learner = make()
     learner.train_step(batch(0))
-    d1 = save_checkpoint(tmp_path, learner)
+    d1 = save_checkpoint(tmp_path, learner.state_dict())
     learner.train_step(batch(1))
-    d2 = save_checkpoint(tmp_path, learner)
+    d2 = save_checkpoint(tmp_path, learner.state_dict())
     assert (d1.name, d2.name) == ("step_000001", "step_000002") and find_latest(tmp_path) == d2
     assert (tmp_path / "latest").read_text() == "step_000002\n"
     assert sorted(p.name for p in d2.iterdir()) == [
@@ -95,14 +102,14 @@ def test_layout_and_latest_pointer(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000001", "step_000002"]
     meta = json.loads((d2 / "meta.json").read_text())
     assert meta["step"] == 2 and meta["version"] == 2 and meta["config_hash"] == learner.config_hash
-    save_checkpoint(tmp_path, learner)      # re-saving a step replaces it cleanly
+    save_checkpoint(tmp_path, learner.state_dict())      # re-saving a step replaces it cleanly
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000001", "step_000002"]
 
 
 def test_crash_mid_save_keeps_previous_latest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     learner = make()
     learner.train_step(batch(0))
-    save_checkpoint(tmp_path, learner)
+    save_checkpoint(tmp_path, learner.state_dict())
     learner.train_step(batch(1))
 
     def boom(*a, **k):
@@ -110,7 +117,7 @@ def test_crash_mid_save_keeps_previous_latest(tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setattr(ckpt.torch, "save", boom)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(tmp_path, learner)
+        save_checkpoint(tmp_path, learner.state_dict())
     monkeypatch.undo()
     assert (tmp_path / "latest").read_text().strip() == "step_000001"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000001"]
@@ -175,11 +182,11 @@ def test_config_drift(saved: Path) -> None:
 
 
 def test_srum_config_hash_is_recorded(tmp_path: Path) -> None:
-    cfg = SRUMConfig.model_validate({"policy": {"device": "cpu"}, "learner": {"warmup_steps": 0}})
-    learner = Learner(cfg, Policy.from_config(cfg.policy))
-    save_checkpoint(tmp_path, learner)
+    cfg = validate_config({"policy": {"device": "cpu"}, "learner": {"warmup_steps": 0}})
+    learner = Learner(cfg, DiffusersPolicy.from_config(cfg.policy))
+    save_checkpoint(tmp_path, learner.state_dict())
     meta = json.loads((tmp_path / "step_000000" / "meta.json").read_text())
     assert meta["config_hash"] == learner.config_hash and len(meta["config_hash"]) == 64
     cfg2 = cfg.model_copy(update={"run": cfg.run.model_copy(update={"max_steps": 5})})
     with pytest.warns(UserWarning, match="outside the training fields"):
-        Learner(cfg2, Policy.from_config(cfg.policy)).resume(tmp_path)
+        Learner(cfg2, DiffusersPolicy.from_config(cfg.policy)).resume(tmp_path)

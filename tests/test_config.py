@@ -1,4 +1,5 @@
-"""Tests for cluster/config.py: defaults, YAML + dotted overrides, error messages, hashing, docs."""
+"""Tests for core/config.py and core/config_io.py: defaults, YAML + dotted overrides, tagged backend sections,
+error messages, hashing, docs."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from cluster import config as C
-from cluster.config import ConfigError, SRUMConfig, config_hash, config_to_yaml, describe_config, load_config
+from core import config as C
+from core import config_io as IO
+from core.config import SRUMConfig
+from core.config_io import ConfigError, config_hash, config_to_yaml, describe_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,8 +51,9 @@ def test_other_defaults_match_the_spec():
     assert cfg.policy.kind == "sd3" and cfg.policy.tiny and cfg.policy.pretrained is None
     assert (cfg.policy.height, cfg.policy.width, cfg.policy.num_inference_steps) == (64, 64, 8)
     assert cfg.policy.lora_target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
-    assert cfg.judge.endpoints == ["http://127.0.0.1:8000/v1"] and cfg.judge.mode == "logprob"
-    assert cfg.regions.top_k == 5 and cfg.regions.sam_model_type == "tiny"
+    assert cfg.judge.backend == "transformers" and cfg.judge.tiny and cfg.judge.mode == "logprob"
+    assert C.OpenAIJudgeConfig().endpoints == ["http://127.0.0.1:8000/v1"]
+    assert cfg.regions.proposer == "sam" and cfg.regions.top_k == 5 and cfg.regions.model_type == "tiny"
     assert cfg.reward.semantics == "official" and cfg.reward.merge == "max"
     assert cfg.cluster.buffer_capacity == 256 and cfg.cluster.max_staleness == 4
     assert cfg.cluster.prompts.path == C.DEFAULT_PROMPTS_PATH
@@ -59,15 +63,17 @@ def test_other_defaults_match_the_spec():
 def _models(model: type[BaseModel], seen: set) -> None:
     seen.add(model)
     for info in model.model_fields.values():
-        sub = C._section_type(info.annotation)
-        if sub is not None and sub not in seen:
-            _models(sub, seen)
+        union = IO.variants(info)
+        for sub in (set(union[1].values()) if union else {IO.section_model(info)}) - {None}:
+            if sub not in seen:
+                _models(sub, seen)
 
 
 def test_every_model_forbids_extra_and_every_field_is_described():
     seen: set = set()
     _models(SRUMConfig, seen)
-    assert len(seen) == 10  # SRUM + run, policy, judge, regions, reward, learner, cluster, resources, prompts
+    # SRUM + run, 2 policies, 3 judges, 4 region proposers, reward, learner, cluster, resources, prompts
+    assert len(seen) == 16
     for model in seen:
         assert model.model_config.get("extra") == "forbid", model.__name__
         for name, info in model.model_fields.items():
@@ -107,7 +113,8 @@ def test_overrides_nested_list_bool_null_and_numbers():
 
 
 def test_override_string_fields_keep_raw_text_and_null_clears_optional():
-    cfg = load_config(None, ["run.name=123", "judge.api_key=yes", "policy.pretrained=null", "cluster.address=auto"])
+    cfg = load_config(None, ["run.name=123", "judge.backend=openai", "judge.api_key=yes", "policy.pretrained=null",
+                             "cluster.address=auto"])
     assert cfg.run.name == "123" and cfg.judge.api_key == "yes"
     assert cfg.policy.pretrained is None and cfg.cluster.address == "auto"
 
@@ -211,10 +218,11 @@ def test_lora_needs_target_modules():
 
 def test_judge_endpoint_rules():
     assert "at least one endpoint" in str(_error(overrides=["judge.backend=openai", "judge.endpoints=[]"]))
-    text = str(_error(overrides=["judge.endpoints=[ftp://x:1/v1]"]))
+    text = str(_error(overrides=["judge.backend=openai", "judge.endpoints=[ftp://x:1/v1]"]))
     assert "judge.endpoints" in text and "ftp://x:1/v1" in text and "http(s)" in text
-    assert "duplicate" in str(_error(overrides=["judge.endpoints=[http://a:1/v1, http://a:1/v1]"]))
-    assert "backend='transformers'" in str(_error(overrides=["judge.backend=openai", "judge.pretrained=x"]))
+    assert "duplicate" in str(_error(overrides=["judge.backend=openai", "judge.endpoints=[http://a:1/v1, http://a:1/v1]"]))
+    text = str(_error(overrides=["judge.backend=openai", "judge.pretrained=x"]))
+    assert "judge.pretrained: unknown key" in text and "allowed at judge with backend='openai'" in text
     cfg = load_config(None, ["judge.backend=openai", "judge.endpoints=[http://10.0.0.2:8000/v1, https://h/v1]"])
     assert cfg.judge.endpoints == ["http://10.0.0.2:8000/v1", "https://h/v1"]
 
@@ -269,7 +277,7 @@ def test_non_utf8_yaml_and_directory(tmp_path):
 
 def test_validate_config_accepts_a_plain_dict_without_mutating_it():
     data = {"learner": {"lr": 0.001}, "run": None}
-    cfg = C.validate_config(data)
+    cfg = IO.validate_config(data)
     assert cfg.learner.lr == 0.001 and data == {"learner": {"lr": 0.001}, "run": None}
 
 
@@ -293,12 +301,12 @@ def test_example_configs_contents():
     assert (REPO / cpu.cluster.prompts.path).is_file()
     shapes = load_config(REPO / "configs" / "default.yaml")  # the embedded default: the shapes world
     assert (shapes.policy.kind, shapes.judge.backend, shapes.regions.proposer) == ("shapes", "shapes", "components")
-    assert (REPO / shapes.cluster.prompts.path).is_file()
+    assert shapes.cluster.prompts.path is None  # the world's own training prompts: one source for the split
     # training samples without CFG (it compounds through self-training), held-out evaluation with it
     assert (shapes.policy.guidance_scale, shapes.policy.eval_guidance_scale) == (1.0, 3.0)
     assert SRUMConfig().policy.eval_guidance_scale is None  # elsewhere: evaluate as sampled
     gpu = load_config(REPO / "configs" / "sd35_medium_vllm.yaml")
-    assert gpu.judge.backend == "openai" and gpu.regions.sam_model_type == "vit_h"
+    assert gpu.judge.backend == "openai" and gpu.regions.model_type == "vit_h"
     assert gpu.learner == C.LearnerConfig(mixed_precision="bf16")  # the paper recipe
 
 
@@ -338,14 +346,55 @@ def test_describe_config_lists_every_leaf_field():
     per_section: dict[str, int] = {}
     for key in docs:
         per_section[key.split(".")[0]] = per_section.get(key.split(".")[0], 0) + 1
-    assert per_section == {"run": 8, "policy": 19, "judge": 14, "regions": 10, "reward": 8, "learner": 16,
-                           "cluster": 10 + 3 * 2 + 5}
+    assert per_section == {"run": 8, "policy": 14, "judge": 6, "regions": 10, "reward": 8, "learner": 16,
+                           "cluster": 14 + 3 * 2 + 5}
     for key in docs:
-        parsed, errors = C.parse_overrides([f"{key}=null"])
+        parsed, errors = IO.parse_overrides([f"{key}=null"])
         assert not errors and parsed[0][0] == key.split(".")
 
 
 def test_format_config_help_groups_by_section():
-    text = C.format_config_help()
+    text = IO.format_config_help()
     assert text.startswith("[run]\n") and text.count("[cluster]") == 1
     assert "learner.lr = 2.5e-05" in text and "AdamW learning rate" in text
+    assert "[judge (backend='transformers')]" in text and "judge.endpoints" not in text
+
+
+# ------------------------------------------------------------------------------- tagged backends
+
+
+def test_a_config_lists_only_the_fields_of_the_backends_it_selects():
+    shapes = load_config(REPO / "configs" / "default.yaml")
+    keys = {d.key for d in describe_config(shapes)}
+    assert {"policy.pretrain_steps", "policy.split_seed", "regions.top_k"} <= keys
+    assert not {k for k in keys if k.startswith("regions.") and "thresh" in k}
+    assert not keys & {"regions.model_type", "regions.checkpoint", "judge.endpoints"}
+    everything = {(d.section, d.key) for d in describe_config(all_variants=True)}
+    assert ("regions (proposer='sam')", "regions.pred_iou_thresh") in everything
+    assert ("judge (backend='openai')", "judge.endpoints") in everything
+    assert ("policy (kind='shapes')", "policy.pretrain_steps") in everything
+
+
+def test_switching_a_backend_applies_first_and_checks_the_keys_of_the_new_one(tmp_path):
+    # the endpoint override comes first on the command line; the backend switch is applied before it
+    cfg = load_config(None, ["judge.endpoints=[http://10.0.0.9:8000/v1]", "judge.backend=openai"])
+    assert isinstance(cfg.judge, C.OpenAIJudgeConfig) and cfg.judge.endpoints == ["http://10.0.0.9:8000/v1"]
+    p = _yaml(tmp_path, "judge:\n  backend: transformers\n  tiny: true\n  max_tokens: 99\n")
+    switched = load_config(p, ["judge.backend=openai"])  # a switch on the command line drops `tiny` ...
+    assert isinstance(switched.judge, C.OpenAIJudgeConfig) and switched.judge.max_tokens == 99  # ... keeps the rest
+    q = _yaml(tmp_path, "judge:\n  backend: transformers\n  endpoints: [http://a:1/v1]\n", "q.yaml")
+    text = str(_error(q))
+    assert "judge.endpoints: unknown key" in text and "backend='transformers'" in text
+    text = str(_error(overrides=["regions.proposer=segments"]))
+    assert "regions.proposer: unknown proposer 'segments'" in text and "'sam', 'grounding'" in text
+    assert isinstance(load_config(_yaml(tmp_path, "policy:\n  tiny: true\n", "p.yaml")).policy,
+                      C.DiffusersPolicyConfig)  # no tag: the default backend
+
+
+def test_round_trip_keeps_the_backend_of_each_section(tmp_path):
+    cfg = load_config(REPO / "configs" / "default.yaml")
+    back = load_config(_yaml(tmp_path, config_to_yaml(cfg)))
+    assert back == cfg and isinstance(back.policy, C.ShapesPolicyConfig)
+    assert isinstance(back.regions, C.ComponentsRegionsConfig) and isinstance(back.judge, C.ShapesJudgeConfig)
+    none = load_config(None, ["regions.proposer=none"])
+    assert isinstance(none.regions, C.NoRegionsConfig) and none.regions.keyword_filter is False

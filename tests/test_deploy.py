@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster import metrics as M
-from cluster.config import load_config
+from core import metrics as M
+from core.config_io import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -115,7 +115,7 @@ def test_submit_command_is_a_valid_job(services):
     cmd = as_list(services["submit"]["command"])
     assert cmd[:3] == ["ray", "job", "submit"] and "--working-dir" in cmd
     job = cmd[cmd.index("--") + 1:]
-    assert job[:3] == ["python", "-m", "cluster.main"] and job[3] == "--config"
+    assert job[:3] == ["python", "-m", "srum.main"] and job[3] == "--config"
     cfg = load_config(ROOT / job[4], job[5:])  # the config exists and every override key is valid
     assert cfg.judge.endpoints == ["http://judge:8000/v1"]
 
@@ -139,7 +139,7 @@ def test_every_module_and_config_named_exists(raw):
     text = interpolate(raw)
     modules = set(re.findall(r"python3? -m ([\w.]+)", text))
     modules |= set(re.findall(r'"-m",\s*"([\w.]+)"', text))  # exec-form lists
-    assert {"cluster.main", "vllm.entrypoints.openai.api_server"} <= modules
+    assert {"srum.main", "vllm.entrypoints.openai.api_server"} <= modules
     for mod in modules - EXTERNAL_MODULES:
         path = ROOT / Path(*mod.split("."))
         assert path.with_suffix(".py").is_file() or (path / "__init__.py").is_file(), mod
@@ -189,7 +189,7 @@ def test_dashboard_panels_chart_known_metrics():
             series = re.findall(r"\bray_srum_\w+", t["expr"])
             assert series, (p["title"], t["expr"])
             for s in series:
-                # ray_ + a constant of cluster/metrics.py, with the suffix Ray gives its kind
+                # ray_ + a name of core/metrics.py, with the suffix Ray gives its kind
                 assert s in exported, (p["title"], s)
                 charted.add(exported[s])
     assert charted == set(M.ALL_METRICS)  # every declared metric has a panel

@@ -13,8 +13,6 @@ import time
 import numpy as np
 import pytest
 
-from cluster import cli
-from cluster import main as entry
 from cluster.progress import (
     Gallery,
     ProgressReporter,
@@ -23,7 +21,10 @@ from cluster.progress import (
     plot_metrics,
     read_metrics,
 )
-from cluster.prompt_sets import PromptRecord
+from core.prompt_sets import PromptCycler, PromptRecord
+from core.records import DropReason, Region, SampleRecord
+from srum import cli
+from srum import main as entry
 
 
 def records(n: int) -> list[PromptRecord]:
@@ -31,8 +32,6 @@ def records(n: int) -> list[PromptRecord]:
 
 
 def test_prompt_cycler_covers_every_prompt_each_epoch_with_unique_seeds():
-    from cluster.driver import PromptCycler
-
     cyc = PromptCycler(records(5), seed=3)
     first, seeds1 = cyc.take(5)
     second, seeds2 = cyc.take(5)
@@ -54,7 +53,12 @@ def test_progress_line_and_metrics_jsonl(tmp_path):
 
     out = io.StringIO()
     rep = ProgressReporter(tmp_path, stream=out, min_interval_s=0.0)
-    rep.show({"step": 1, "max_steps": 2})
+    assert rep.show({"step": 1, "max_steps": 2, "images_per_s": 1.0})
+    # nothing it tracks changed (only a rate): not printed again, unless forced
+    assert not rep.show({"step": 1, "max_steps": 2, "images_per_s": 0.5})
+    assert rep.show({"step": 1, "max_steps": 2, "images_per_s": 0.5, "judge_failed": 1})
+    assert rep.show({"step": 1, "max_steps": 2, "judge_failed": 1}, force=True)
+    assert out.getvalue().count("step 1/2") == 3
     rep.log({"kind": "train", "step": 1, "loss": 0.5})
     rep.log({"kind": "train", "step": 2, "loss": 0.25, "l_r": 0.1, "mean_global_score": 0.3, "mean_alpha": 0.6})
     with rep.metrics_path.open("a") as f:
@@ -70,21 +74,27 @@ def test_progress_line_and_metrics_jsonl(tmp_path):
 
 def test_gallery_draws_boxes_and_heatmap(tmp_path):
     img = np.zeros((64, 64, 3), dtype=np.uint8)
-    regions = [{"box": [8, 8, 32, 32], "score": 0.8, "label": "cube", "reason": "good <b>"},
-               {"box": [40, 40, 60, 60], "score": -0.6, "label": "ball", "reason": "bad"},
-               {"box": [float("nan"), 0, 1, 1], "score": 0.1}]
+    regions = [Region(box=(8, 8, 32, 32), score=0.8, label="cube", reason="good <b>" + "x" * 300),
+               Region(box=(40, 40, 60, 60), score=-0.6, label="ball", reason="bad"),
+               Region(box=(float("nan"), 0, 1, 1), score=0.1)]
     boxed = np.asarray(draw_boxes(img, regions))
     assert boxed.shape == (256, 256, 3)  # small images are enlarged for viewing
     assert (boxed[32, 40:120] == (0, 170, 0)).all()  # positive box: green top edge at y = 8 * 4
     assert (boxed[160, 170:230] == (220, 0, 0)).all()  # negative box: red top edge at y = 40 * 4
+    halved = np.asarray(draw_boxes(img[::2, ::2], regions, box_scale=0.5))  # a shrunk preview, full-size boxes
+    assert (halved[32, 40:120] == (0, 170, 0)).all()
     gal = Gallery(tmp_path, keep=2)
     R = np.full((64, 64), 0.5, dtype=np.float32)
     for i in range(3):
-        gal.add(img, {"prompt": f"p{i} & <x>", "policy_version": i, "global_score": 0.5, "alpha": 0.75,
-                      "regions": regions, "drop": i == 2, "drop_reason": "global_score_zero"}, R)
+        rec = SampleRecord(sample_id=f"s{i}", prompt=PromptRecord(id=str(i), text=f"p{i} & <x>"), policy_version=i,
+                           global_score=0.5, alpha=0.75, regions=regions,
+                           drop_reason=DropReason.GLOBAL_SCORE_ZERO if i == 2 else None)
+        gal.add(img, rec, R)
     html = gal.write().read_text()
     assert html.count("class='c'") == 2 and "p0" not in html  # keeps the most recent
-    assert "p2 &amp; &lt;x&gt;" in html and "dropped" in html and "good &lt;b&gt;" in html
+    assert "p2 &amp; &lt;x&gt;" in html and "dropped" in html and "global_score_zero" in html
+    reason_cell = html.split("good &lt;b&gt;")[1].split("</td>")[0]
+    assert set(reason_cell) == {"x"} and len(reason_cell) == 160 - len("good <b>")  # cut before escaping
     assert html.count("data:image/png;base64,") == 4  # boxes + heat-map per card
 
 
@@ -102,6 +112,11 @@ def test_cli_config_list_and_resolve(capsys):
     assert cli.main(["config", "--list"]) == 0
     listing = capsys.readouterr().out
     assert "learner.lambda_c" in listing and "cluster.num_samplers" in listing
+    assert cli.main(["config", "-c", "configs/default.yaml", "--list"]) == 0
+    shapes = capsys.readouterr().out  # a shapes run lists its own sections' fields, no SAM thresholds
+    assert "policy.pretrain_steps" in shapes and "pred_iou_thresh" not in shapes
+    assert cli.main(["config", "--list", "--all"]) == 0
+    assert "[regions (proposer='sam')]" in capsys.readouterr().out
     assert cli.main(["config", "-c", "configs/default.yaml", "learner.lambda_c=0.25"]) == 0
     assert "lambda_c: 0.25" in capsys.readouterr().out
     assert cli.main(["config", "learner.nope=1"]) == 2

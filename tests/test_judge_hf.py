@@ -11,17 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
-from cluster.config import JudgeConfig
+from core.config import TransformersJudgeConfig
 from rewards import prompts as Q
 from rewards.judge import (
     expected_score,
-    make_judge,
     positional_regions_schema,
     prepare_image,
     tenths_distribution,
 )
 from rewards.judge_hf import SchemaDecoder, TransformersJudge
 from rewards.tiny_vlm import build_tiny_vlm
+from srum.registry import make_judge
 
 IMG = Image.fromarray((np.arange(48 * 64 * 3) % 251).astype(np.uint8).reshape(48, 64, 3))
 BOXES = [(0, 0, 20, 20), (10, 5, 60, 40), (3, 3, 9, 9)]
@@ -34,7 +34,7 @@ def tiny():
 
 def hf_judge(tiny, mode, max_tokens=24):
     model, processor = tiny
-    return TransformersJudge(JudgeConfig(backend="transformers", mode=mode, max_tokens=max_tokens),
+    return TransformersJudge(TransformersJudgeConfig(mode=mode, max_tokens=max_tokens),
                              model=model, processor=processor)
 
 
@@ -127,7 +127,7 @@ def test_schema_decoder_free_count_array_and_rejects_unbounded():
 
 
 def test_make_judge_transformers_is_lazy():
-    j = make_judge(JudgeConfig(backend="transformers"))
+    j = make_judge(TransformersJudgeConfig())
     assert isinstance(j, TransformersJudge) and j.model is None
 
 

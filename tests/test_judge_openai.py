@@ -10,15 +10,15 @@ import time
 import pytest
 from PIL import Image
 
-from cluster.config import JudgeConfig
+from core.config import OpenAIJudgeConfig
 from rewards.judge import (
     JudgeHTTPError,
     JudgeModelNotFoundError,
     JudgeRequestError,
     JudgeTimeoutError,
     JudgeUnavailableError,
-    make_judge,
 )
+from srum.registry import make_judge
 from tests.judge_fake_server import FakeOpenAIServer, _free_port
 
 IMG = Image.new("RGB", (32, 24), (10, 200, 30))
@@ -34,7 +34,7 @@ def server():
 def judge_for(*urls: str, **kw):
     cfg = {"backend": "openai", "endpoints": list(urls), "max_retries": 2, "backoff_s": 0.01, "timeout_s": 5.0,
            "max_tokens": 64, **kw}
-    return make_judge(JudgeConfig(**cfg))
+    return make_judge(OpenAIJudgeConfig(**cfg))
 
 
 def run(coro, judge=None):

@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 
 import tests.conftest as _conftest
-from cluster.config import JudgeConfig, RegionsConfig, RewardConfig
+from core.config import GroundingRegionsConfig, OpenAIJudgeConfig, RewardConfig, SamRegionsConfig
 from rewards import prompts as Q
-from rewards.judge import JudgeHTTPError, JudgeModelNotFoundError, make_judge, positional_regions_schema
-from rewards.regions import make_proposer
+from rewards.judge import JudgeHTTPError, JudgeModelNotFoundError, positional_regions_schema
 from rewards.scorer import SampleScorer
+from srum.registry import make_judge, make_proposer
 from tests.judge_fake_server import scene
 from tests.vllm_server import free_port
 
@@ -36,7 +36,7 @@ BOXES = [(2, 2, 30, 30), (20, 10, 60, 50), (0, 40, 64, 64)]
 def judge_for(url: str, mode: str, **kw):
     cfg = {"backend": "openai", "mode": mode, "endpoints": [url], "max_tokens": 2048, "timeout_s": 60.0,
            "max_retries": 2, "backoff_s": 0.05, **kw}
-    return make_judge(JudgeConfig(**cfg))
+    return make_judge(OpenAIJudgeConfig(**cfg))
 
 
 def run(judge, coro):
@@ -201,7 +201,7 @@ def test_real_server_killed_and_restarted(vllm_server):
 @pytest.mark.parametrize("mode", ["text", "structured", "logprob"])
 def test_scorer_end_to_end_on_vllm(vllm_server, mode):
     j = judge_for(vllm_server.base_url, mode, max_tokens=48 if mode != "structured" else 2048)
-    scorer = SampleScorer(j, make_proposer(RegionsConfig(points_per_side=4)), RewardConfig())
+    scorer = SampleScorer(j, make_proposer(SamRegionsConfig(points_per_side=4)), RewardConfig())
     images = [scene(), np.asarray(scene().transpose(Image.FLIP_LEFT_RIGHT))]
     t0 = time.perf_counter()
     res = run(j, scorer.score_many(images, ["a red ball left of a blue box"] * 2, (8, 8)))
@@ -215,7 +215,7 @@ def test_scorer_end_to_end_on_vllm(vllm_server, mode):
 
 def test_grounding_proposer_on_vllm(vllm_server):
     j = judge_for(vllm_server.base_url, "structured", max_tokens=1024)
-    prop = make_proposer(RegionsConfig(proposer="grounding", min_area_frac=0.0), judge=j)
+    prop = make_proposer(GroundingRegionsConfig(min_area_frac=0.0), judge=j)
     props = run(j, prop.apropose(np.asarray(scene()), "a red ball left of a blue box"))
     for p in props:
         x1, y1, x2, y2 = p.box

@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from cluster.config import LearnerConfig, PolicyConfig
-from learner.learner import Learner, TrainBatch, WarmupConstant, eval_flow_loss
-from learner.policy import Policy
+from core.config import DiffusersPolicyConfig, LearnerConfig
+from core.prompt_sets import PromptRecord
+from core.records import SampleRecord, SampleTensors, TrainBatch, TrainSample, collate
+from learner.learner import Learner, WarmupConstant, eval_flow_loss
+from learner.policy import DiffusersPolicy
 
 PROMPTS = ["a red cube", "a blue ball"]
 # Two structured latents of opposite sign: fitting one does not fit the other.
@@ -18,15 +20,14 @@ X0 = torch.stack([PATTERN, -PATTERN])
 
 
 def make(kind: str = "sd3", lora_rank: int = 0, seed: int = 0, **learner_kw) -> Learner:
-    pc = PolicyConfig(kind=kind, lora_rank=lora_rank, device="cpu")
+    pc = DiffusersPolicyConfig(kind=kind, lora_rank=lora_rank, device="cpu")
     lc = LearnerConfig(**{"lr": 1e-3, "warmup_steps": 0, **learner_kw})
-    return Learner((pc, lc), Policy.from_config(pc, seed=0), seed=seed)
+    return Learner((pc, lc), DiffusersPolicy.from_config(pc, seed=0), seed=seed)
 
 
-def batch(R: tuple[float, float] = (1.0, 1.0), x0: torch.Tensor = X0) -> dict:
-    return {"prompts": PROMPTS, "x0": x0.clone(),
-            "R": torch.stack([torch.full((32, 32), R[0]), torch.full((32, 32), R[1])]),
-            "alpha": torch.ones(2)}
+def batch(R: tuple[float, float] = (1.0, 1.0), x0: torch.Tensor = X0) -> TrainBatch:
+    return TrainBatch(PROMPTS, x0.clone(), torch.stack([torch.full((32, 32), R[0]), torch.full((32, 32), R[1])]),
+                      torch.ones(2))
 
 
 def fixed_eval(learner: Learner) -> torch.Tensor:
@@ -91,7 +92,7 @@ def test_nan_loss_skips_the_step() -> None:
     learner = make(ema_decay=0.9)
     w0 = [p.detach().clone() for p in learner.params]
     bad = batch()
-    bad["x0"][0, 0, 0, 0] = float("nan")
+    bad.x0[0, 0, 0, 0] = float("nan")
     m = learner.train_step(bad)
     assert m["skipped"] == 1 and learner.skipped_steps == 1
     assert learner.step == 0 and learner.policy.version == 0 and not learner.optimizer.state
@@ -142,13 +143,21 @@ def test_metrics_and_grad_clip() -> None:
     assert m["l_r"] == pytest.approx(0.5 * m["l_ref"], rel=1e-5)  # alpha*R = 0.5 everywhere
 
 
-def test_batch_validation_and_aliases() -> None:
-    b = TrainBatch.coerce({"prompts": PROMPTS, "x0": X0, "weight_map": torch.ones(2, 32, 32), "alpha": 1.0})
-    assert b.alpha.tolist() == [1.0, 1.0]
+def test_batch_validation_and_collate() -> None:
     with pytest.raises(ValueError, match="R must be"):
-        TrainBatch.coerce({"prompts": PROMPTS, "x0": X0, "R": torch.ones(2, 16, 16), "alpha": [1, 1]})
-    with pytest.raises(ValueError, match="missing"):
-        TrainBatch.coerce({"prompts": PROMPTS, "x0": X0})
+        TrainBatch(PROMPTS, X0, torch.ones(2, 16, 16), torch.ones(2))
+    with pytest.raises(ValueError, match="alpha must be"):
+        TrainBatch(PROMPTS, X0, torch.ones(2, 32, 32), torch.ones(3))
+    samples = [TrainSample(SampleRecord(sample_id=f"s{i}", prompt=PromptRecord(id=str(i), text=p), alpha=0.25 * (i + 1)),
+                           SampleTensors(x0=X0[i], R=torch.full((32, 32), float(i))))
+               for i, p in enumerate(PROMPTS)]
+    b = collate(samples)
+    assert b.prompts == PROMPTS and torch.equal(b.x0, X0) and b.alpha.tolist() == [0.25, 0.5]
+    assert b.R[1].unique().tolist() == [1.0]
+    with pytest.raises(TypeError, match="resolved"):
+        collate([TrainSample(samples[0].record, "a ref")])
+    with pytest.raises(ValueError, match="SampleTensors.R"):
+        SampleTensors(x0=X0[0], R=torch.ones(16, 16))
 
 
 def test_mixed_precision_selection() -> None:

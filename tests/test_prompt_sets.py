@@ -1,4 +1,4 @@
-"""Tests for cluster/prompt_sets.py: the three formats, auto-detection, filters and every error."""
+"""Tests for core/prompt_sets.py: the three formats, auto-detection, filters, every error, the cycler."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import PromptSourceConfig
-from cluster.prompt_sets import (
+from core.config import PromptSourceConfig
+from core.prompt_sets import (
+    PromptCycler,
     PromptRecord,
     PromptSourceError,
     detect_format,
@@ -234,17 +235,23 @@ def test_resolve_prompt_path_falls_back_to_repo_root(tmp_path, monkeypatch):
     assert resolve_prompt_path(tmp_path / "abs.txt") == tmp_path / "abs.txt"
 
 
-def test_load_prompt_source_shuffles_deterministically(tmp_path):
+def test_load_prompt_source_keeps_file_order_and_the_cycler_shuffles_once(tmp_path):
     p = _write(tmp_path, "p.txt", "\n".join(f"prompt {i}" for i in range(20)))
-    plain = load_prompt_source(PromptSourceConfig(path=str(p), shuffle=False))
-    a = load_prompt_source(PromptSourceConfig(path=str(p)), seed=3)
-    b = load_prompt_source(PromptSourceConfig(path=str(p)), seed=3)
-    c = load_prompt_source(PromptSourceConfig(path=str(p)), seed=4)
-    assert [r.id for r in plain] == [str(i) for i in range(1, 21)]
-    assert a == b and a != c and a != plain
-    assert sorted(a, key=lambda r: int(r.id)) == plain
-    limited = load_prompt_source(PromptSourceConfig(path=str(p), limit=5), seed=3)
-    assert sorted(int(r.id) for r in limited) == [1, 2, 3, 4, 5]  # limit first, then shuffle
+    plain = load_prompt_source(PromptSourceConfig(path=str(p)))
+    assert [r.id for r in plain] == [str(i) for i in range(1, 21)]  # shuffling is the cycler's job alone
+    limited = load_prompt_source(PromptSourceConfig(path=str(p), limit=5))
+    assert [int(r.id) for r in limited] == [1, 2, 3, 4, 5]  # the first 5 of the file, in order
+
+    def epochs(seed: int, shuffle: bool = True) -> list[str]:
+        recs, _ = PromptCycler(plain, seed, shuffle).take(40)
+        return [r.id for r in recs]
+
+    a, b, c = epochs(3), epochs(3), epochs(4)
+    assert a == b and a != c and sorted(a[:20], key=int) == [r.id for r in plain]
+    assert a[:20] != a[20:]  # a fresh order every epoch
+    assert epochs(3, shuffle=False) == [r.id for r in plain] * 2
+    with pytest.raises(ValueError, match="at least one prompt"):
+        PromptCycler([], 0)
 
 
 # ---------------------------------------------------------------------------------- real data

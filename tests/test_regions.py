@@ -9,7 +9,8 @@ import pytest
 import torch
 from segment_anything.utils.amg import batched_mask_to_box, box_xyxy_to_xywh
 
-from cluster.config import RegionsConfig
+from core.config import GroundingRegionsConfig, NoRegionsConfig, SamRegionsConfig
+from core.records import Region
 from rewards.judge import Completion
 from rewards.regions import (
     GroundingProposer,
@@ -20,13 +21,12 @@ from rewards.regions import (
     content_words,
     keyword_filter,
     keyword_match,
-    make_proposer,
     masks_to_proposals,
     sam_bbox_to_box,
     select_regions,
     singular,
 )
-from rewards.reward_map import Region
+from srum.registry import make_proposer
 
 
 def sam_records(masks: list[np.ndarray]) -> list[dict]:
@@ -88,7 +88,7 @@ def test_tiny_sam_proposes_valid_boxes():
     img = np.zeros((64, 80, 3), np.uint8)
     img[10:30, 5:40] = (255, 0, 0)
     img[35:60, 30:75] = (0, 0, 255)
-    cfg = RegionsConfig(points_per_side=4)
+    cfg = SamRegionsConfig(points_per_side=4)
     prop = make_proposer(cfg)
     assert isinstance(prop, SamProposer)
     boxes = prop.propose(img, "a red box")
@@ -105,7 +105,7 @@ class StubJudge:
     def __init__(self, text, mode="text"):
         self.text, self.mode, self.calls = text, mode, []
 
-    async def complete(self, image, text, max_tokens=None, schema=None):
+    async def complete(self, image, text, max_tokens=None, schema=None, kind="grounding"):
         self.calls.append((text, schema))
         return Completion(self.text)
 
@@ -115,7 +115,7 @@ def test_grounding_parses_fenced_json_and_skips_bad_entries():
               ' {"bbox_2d": [1, 2, 3], "label": "broken"},\n {"box": [50, 20, 200, 60], "label": "dog"},\n'
               ' {"bbox_2d": [30, 30, 30, 40], "label": "empty"}]\n```\nDone.')
     judge = StubJudge(answer)
-    prop = make_proposer(RegionsConfig(proposer="grounding"), judge=judge)
+    prop = make_proposer(GroundingRegionsConfig(), judge=judge)
     assert isinstance(prop, GroundingProposer)
     img = np.zeros((48, 64, 3), np.uint8)
     props = asyncio.run(prop.apropose(img, "a cat and a dog"))
@@ -124,13 +124,13 @@ def test_grounding_parses_fenced_json_and_skips_bad_entries():
     assert prop.bad_answers == 1 and prop.unparsable == 0
     text, schema = judge.calls[0]
     assert "64 pixels wide" in text and schema is None
-    assert asyncio.run(make_proposer(RegionsConfig(proposer="grounding"), judge=StubJudge("no idea")).apropose(
+    assert asyncio.run(make_proposer(GroundingRegionsConfig(), judge=StubJudge("no idea")).apropose(
         img, "x")) == []
 
 
 def test_grounding_structured_sends_schema():
     judge = StubJudge('[{"label": "cat", "box": [0, 0, 32, 24]}]', mode="structured")
-    prop = GroundingProposer(RegionsConfig(proposer="grounding"), judge)
+    prop = GroundingProposer(GroundingRegionsConfig(), judge)
     boxes = prop.propose(np.zeros((48, 64, 3), np.uint8), "a cat")
     assert boxes == [(0.0, 0.0, 32.0, 24.0)]
     assert judge.calls[0][1]["type"] == "array"
@@ -138,8 +138,8 @@ def test_grounding_structured_sends_schema():
 
 def test_make_proposer_errors_and_none():
     with pytest.raises(ValueError, match="needs the judge"):
-        make_proposer(RegionsConfig(proposer="grounding"))
-    none = make_proposer(RegionsConfig(proposer="none"))
+        make_proposer(GroundingRegionsConfig())
+    none = make_proposer(NoRegionsConfig())
     assert isinstance(none, NoneProposer) and none.propose(np.zeros((8, 8, 3), np.uint8), "x") == []
 
 

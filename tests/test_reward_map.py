@@ -3,39 +3,27 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pytest
 import torch
 
+from core.config import RewardConfig
+from core.records import DropReason, Region
 from rewards.reward_map import (
-    DROP_GLOBAL_ZERO,
-    DROP_NO_GLOBAL,
-    DROP_NO_SAMPLE_SCORE,
-    Region,
     build_reward_map,
-    check_reward_settings,
     global_to_alpha,
     resize_map,
 )
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Stand-in for cluster.config.RewardConfig with the same defaults."""
-
-    semantics: str = "official"
-    background: float = 0.0
-    merge: str = "max"
-    granularity: str = "region"
-    binarize: bool = False
-    binarize_threshold: float = 0.5
-    use_global: bool = True
-    resize: str = "area"
+def replace(cfg: RewardConfig, **changes) -> RewardConfig:
+    """``cfg`` with ``changes``, validated like a loaded config (bad combinations raise)."""
+    return RewardConfig(**{**cfg.model_dump(), **changes})
 
 
-OFFICIAL = Settings()
-SIGNED = Settings(semantics="signed")
+OFFICIAL = RewardConfig()
+SIGNED = RewardConfig(semantics="signed")
 
 
 def T(rows: list[list[float]]) -> torch.Tensor:
@@ -120,19 +108,19 @@ def test_official_no_regions_is_half_times_alpha(g: float) -> None:
 
 def test_official_drops_at_global_zero_and_none() -> None:
     m0 = build_reward_map([Region(box=(0, 0, 2, 2), score=0.5)], 0.0, 4, 4, OFFICIAL)
-    assert m0.drop and m0.drop_reason == DROP_GLOBAL_ZERO and m0.alpha == 0.5
+    assert m0.drop and m0.drop_reason == DropReason.GLOBAL_SCORE_ZERO and m0.alpha == 0.5
     mneg0 = build_reward_map([], -0.0, 4, 4, OFFICIAL)
-    assert mneg0.drop_reason == DROP_GLOBAL_ZERO
+    assert mneg0.drop_reason == DropReason.GLOBAL_SCORE_ZERO
     mn = build_reward_map([Region(box=(0, 0, 2, 2), score=0.5)], None, 4, 4, OFFICIAL)
-    assert mn.drop and mn.drop_reason == DROP_NO_GLOBAL and mn.alpha == 0.0 and mn.global_score is None
+    assert mn.drop and mn.drop_reason == DropReason.NO_GLOBAL_SCORE and mn.alpha == 0.0 and mn.global_score is None
     mnan = build_reward_map([], math.nan, 4, 4, OFFICIAL)
-    assert mnan.drop and mnan.drop_reason == DROP_NO_GLOBAL and mnan.global_score is None
+    assert mnan.drop and mnan.drop_reason == DropReason.NO_GLOBAL_SCORE and mnan.global_score is None
     near = build_reward_map([], 1e-9, 4, 4, OFFICIAL)
     assert not near.drop  # only exactly 0 drops
 
 
 def test_official_rejects_non_max_merge() -> None:
-    with pytest.raises(ValueError, match="reward.merge"):
+    with pytest.raises(ValueError, match="merge='mean': used only with semantics='signed'"):
         build_reward_map([], 0.5, 4, 4, replace(OFFICIAL, merge="mean"))
 
 
@@ -195,8 +183,8 @@ def test_signed_background_configurable_and_drop_only_on_none() -> None:
     assert_map(m.R, torch.full((2, 3), -0.25))
     assert m.alpha == pytest.approx(0.6) and not m.drop
     mn = build_reward_map([], None, 2, 3, SIGNED)
-    assert mn.drop and mn.drop_reason == DROP_NO_GLOBAL
-    with pytest.raises(ValueError, match="reward.background"):
+    assert mn.drop and mn.drop_reason == DropReason.NO_GLOBAL_SCORE
+    with pytest.raises(ValueError, match="background"):
         build_reward_map([], 0.2, 2, 3, replace(SIGNED, background=1.5))
 
 
@@ -288,7 +276,7 @@ def test_sample_granularity_falls_back_to_global_then_drops() -> None:
     m = build_reward_map([], 0.6, 2, 2, cfg, sample_score=None)
     assert_map(m.R, torch.full((2, 2), 0.6))
     nog = build_reward_map([], None, 2, 2, replace(cfg, use_global=False), sample_score=None)
-    assert nog.drop and nog.drop_reason == DROP_NO_SAMPLE_SCORE
+    assert nog.drop and nog.drop_reason == DropReason.NO_SAMPLE_SCORE
     assert_map(nog.R, torch.zeros(2, 2))
 
 
@@ -314,18 +302,11 @@ def test_use_global_false_alpha_one_and_no_drop() -> None:
         assert_map(m.weight(), T([[0.8, 0.5], [0.5, 0.5]]))
 
 
-def test_check_reward_settings_names_field() -> None:
-    with pytest.raises(ValueError, match="reward.semantics"):
-        check_reward_settings(replace(OFFICIAL, semantics="weird"))
-    with pytest.raises(ValueError, match="reward.resize"):
-        check_reward_settings(replace(OFFICIAL, resize="nearest"))
-    check_reward_settings(replace(SIGNED, merge="smallest"))  # valid: no error
-
-
-def test_works_with_real_reward_config_when_available() -> None:
-    config = pytest.importorskip("cluster.config")
-    cfg = config.RewardConfig()
-    m = build_reward_map([Region(box=(0, 0, 1, 1), score=1.0)], 1.0, 2, 2, cfg)
+def test_settings_are_validated_where_the_config_is_made() -> None:
+    for bad in ({"semantics": "weird"}, {"resize": "nearest"}, {"merge": "min"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            replace(OFFICIAL, **bad)
+    m = build_reward_map([Region(box=(0, 0, 1, 1), score=1.0)], 1.0, 2, 2, replace(SIGNED, merge="smallest"))
     assert m.R.shape == (2, 2) and m.R[0, 0] == 1.0 and m.alpha == 1.0
 
 

@@ -8,12 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.config import JudgeConfig, RegionsConfig, RewardConfig
-from rewards.judge import make_judge
+from core.config import (
+    NoRegionsConfig,
+    OpenAIJudgeConfig,
+    RewardConfig,
+    SamRegionsConfig,
+    TransformersJudgeConfig,
+)
+from core.records import DropReason
 from rewards.judge_hf import TransformersJudge
-from rewards.regions import NoneProposer, Proposal, RegionProposer, make_proposer
-from rewards.scorer import DROP_JUDGE_FAILED, SampleScorer
+from rewards.regions import NoneProposer, Proposal, RegionProposer
+from rewards.scorer import SampleScorer
 from rewards.tiny_vlm import build_tiny_vlm
+from srum.registry import make_judge, make_proposer
 from tests.judge_fake_server import FakeOpenAIServer, scene
 
 LATENT = (8, 8)
@@ -21,7 +28,7 @@ LATENT = (8, 8)
 
 class FixedProposer(RegionProposer):
     def __init__(self, boxes, cfg=None):
-        super().__init__(cfg or RegionsConfig())
+        super().__init__(cfg or SamRegionsConfig())
         self.boxes = boxes
 
     async def apropose(self, image, prompt):
@@ -54,8 +61,8 @@ def check_consistent(res, prompt="p"):
 @pytest.mark.parametrize("mode", ["text", "structured", "logprob"])
 def test_transformers_backend_end_to_end(tiny, mode):
     model, processor = tiny
-    judge = TransformersJudge(JudgeConfig(backend="transformers", mode=mode, max_tokens=16), model, processor)
-    scorer = SampleScorer(judge, make_proposer(RegionsConfig(points_per_side=4)), RewardConfig())
+    judge = TransformersJudge(TransformersJudgeConfig(mode=mode, max_tokens=16), model, processor)
+    scorer = SampleScorer(judge, make_proposer(SamRegionsConfig(points_per_side=4)), RewardConfig())
     res = asyncio.run(scorer.score(scene(), "a red ball left of a blue box", LATENT))
     check_consistent(res, "a red ball left of a blue box")
     assert res.n_proposed == len(res.regions) >= 1 and "propose_s" in res.timings
@@ -78,7 +85,7 @@ def test_openai_backend_end_to_end(server, mode):
 
     server.answer = answer
     server.probe = lambda body: {"0": 1.0} if body["messages"][-1]["content"].endswith("Score: ") else {"6": 1.0}
-    judge = make_judge(JudgeConfig(backend="openai", mode=mode, endpoints=[server.base_url]))
+    judge = make_judge(OpenAIJudgeConfig(mode=mode, endpoints=[server.base_url]))
     boxes = [(4, 6, 31, 35), (34, 30, 61, 61)]
     scorer = SampleScorer(judge, FixedProposer(boxes), RewardConfig())
 
@@ -103,7 +110,7 @@ def test_openai_backend_end_to_end(server, mode):
 
 def test_judge_failure_gives_counted_failed_sample(server):
     server.script = [500] * 100
-    judge = make_judge(JudgeConfig(backend="openai", mode="text", endpoints=[server.base_url], max_retries=1,
+    judge = make_judge(OpenAIJudgeConfig(mode="text", endpoints=[server.base_url], max_retries=1,
                                    backoff_s=0.01))
     scorer = SampleScorer(judge, FixedProposer([(0, 0, 32, 32)]), RewardConfig())
 
@@ -117,7 +124,7 @@ def test_judge_failure_gives_counted_failed_sample(server):
             await judge.aclose()
 
     first, ok = asyncio.run(go())
-    assert first.failed and first.drop and first.drop_reason == DROP_JUDGE_FAILED
+    assert first.failed and first.drop and first.drop_reason == DropReason.JUDGE_FAILED
     assert "HTTP 500" in first.error and first.R_latent is None and first.reward_map is None
     assert all(not r.failed and r.global_score == pytest.approx(0.5) for r in ok)
     assert scorer.counters()["failed"] == 1 and scorer.counters()["errors"] == {"http_error": 1}
@@ -129,7 +136,7 @@ def test_proposer_crash_is_a_failed_sample():
         async def apropose(self, image, prompt):
             raise RuntimeError("boom")
 
-    scorer = SampleScorer(StubJudge(), Broken(RegionsConfig()), RewardConfig())
+    scorer = SampleScorer(StubJudge(), Broken(SamRegionsConfig()), RewardConfig())
     res = asyncio.run(scorer.score(scene(), "p", LATENT))
     assert res.failed and res.error == "RuntimeError: boom" and scorer.counters()["errors"] == {"RuntimeError": 1}
 
@@ -195,7 +202,7 @@ def test_no_global_and_keyword_filter():
 
 def test_no_regions_skips_region_request_and_score_many_bounds_concurrency():
     judge = StubJudge()
-    scorer = SampleScorer(judge, NoneProposer(RegionsConfig(proposer="none")), RewardConfig(), max_concurrency=2)
+    scorer = SampleScorer(judge, NoneProposer(NoRegionsConfig()), RewardConfig(), max_concurrency=2)
     images = [scene() for _ in range(6)]
     res = asyncio.run(scorer.score_many(images, [f"p{i}" for i in range(6)], LATENT))
     assert [r.prompt for r in res] == [f"p{i}" for i in range(6)]

@@ -30,7 +30,7 @@ def submit(head, run_dir: Path, *overrides: str):
 
     client = JobSubmissionClient(head.dashboard_url)
     summary = run_dir / f"summary-{len(list(run_dir.glob('summary-*')))}.json"
-    entry = ("python -m cluster.main --config configs/tiny_sd3.yaml "
+    entry = ("python -m srum.main --config configs/tiny_sd3.yaml "
              f"run.output_dir={run_dir} run.name=e2e --summary-json {summary} " + " ".join(overrides))
     env = {"working_dir": str(REPO), "excludes": [".venv", ".venv-vllm", "runs", ".git", ".hypothesis",
                                                   ".pytest_cache"]}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.config import JudgeConfig, RegionsConfig, RewardConfig
+from core.config import ComponentsRegionsConfig, RewardConfig, ShapesJudgeConfig
 from rewards import parse as P
 from rewards import prompts as Q
 from rewards.judge import PROBE_TREE, expected_score, prepare_image, tenths_distribution
@@ -71,9 +71,9 @@ def test_components_and_proposer():
     img[15, 15] = (0, 0, 0)  # 1 px speck: under the minimum area
     comps = components(img)
     assert [c.box for c in comps] == [(18, 20, 30, 30), (3, 2, 9, 10)] and [c.area for c in comps] == [120, 48]
-    prop = ComponentsProposer(RegionsConfig(top_k=1))
+    prop = ComponentsProposer(ComponentsRegionsConfig(top_k=1))
     assert prop.propose(img, "x") == [(17.0, 19.0, 31.0, 31.0)]  # padded by 1 px, largest only
-    prop2 = ComponentsProposer(RegionsConfig(top_k=5), pad=0)
+    prop2 = ComponentsProposer(ComponentsRegionsConfig(top_k=5), pad=0)
     boxes = run(prop2.apropose(img, "x"))
     assert [p.box for p in boxes] == [(18.0, 20.0, 30.0, 30.0), (3.0, 2.0, 9.0, 10.0)]
     assert prop.counters()["calls"] == 1 and prop2.counters()["proposed"] == 2
@@ -101,7 +101,7 @@ def test_probe_probs_reproduce_the_score(score):
 
 
 def _score(judge, img, prompt, proposer_cfg=None):
-    scorer = SampleScorer(judge, ComponentsProposer(proposer_cfg or RegionsConfig()), RewardConfig())
+    scorer = SampleScorer(judge, ComponentsProposer(proposer_cfg or ComponentsRegionsConfig()), RewardConfig())
     res = run(scorer.score(img, prompt, (8, 8)))
     assert not res.failed, res.error
     return res
@@ -109,7 +109,7 @@ def _score(judge, img, prompt, proposer_cfg=None):
 
 @pytest.mark.parametrize("mode", ["text", "structured", "logprob"])
 def test_judge_end_to_end_prefers_the_correct_image(perception, mode):
-    judge = ShapesJudge(JudgeConfig(mode=mode), perception=perception)
+    judge = ShapesJudge(ShapesJudgeConfig(mode=mode), perception=perception)
     rng = np.random.default_rng(5)
     good = render(parse_prompt(SPATIAL), 32, rng)
     swapped = render(parse_prompt("a red circle to the right of a blue square"), 32, rng)
@@ -127,7 +127,7 @@ def test_judge_end_to_end_prefers_the_correct_image(perception, mode):
 
 
 def test_judge_text_answers_parse_without_warnings(perception):
-    judge = ShapesJudge(JudgeConfig(mode="text"), perception=perception)
+    judge = ShapesJudge(ShapesJudgeConfig(mode="text"), perception=perception)
     rng = np.random.default_rng(9)
     train, held = make_split(0)
     for spec in held[::4]:
@@ -136,7 +136,7 @@ def test_judge_text_answers_parse_without_warnings(perception):
         for builder in (Q.global_layout_prompt, Q.sample_level_prompt):
             p = P.parse_score_text(run(judge._chat(img, builder(prompt), 512)).text)
             assert p.warnings == () and p.score is not None and p.reason
-        boxes = [p.box for p in run(ComponentsProposer(RegionsConfig()).apropose(img, prompt))]
+        boxes = [p.box for p in run(ComponentsProposer(ComponentsRegionsConfig()).apropose(img, prompt))]
         ids = list(range(1, len(boxes) + 1))
         rp = P.parse_regions_text(run(judge._chat(img, Q.region_prompt(prompt, boxes), 512)).text, ids)
         assert rp.warnings == () and all(rp.regions[k].score is not None and rp.regions[k].identified_object
@@ -146,7 +146,7 @@ def test_judge_text_answers_parse_without_warnings(perception):
 
 
 def test_judge_scores_by_category(perception):
-    judge = ShapesJudge(JudgeConfig(mode="text"), perception=perception)
+    judge = ShapesJudge(ShapesJudgeConfig(mode="text"), perception=perception)
     rng = np.random.default_rng(2)
 
     def glob(prompt, drawn):

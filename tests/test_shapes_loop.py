@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from cluster.config import load_config
+from core.config_io import load_config
+from srum.registry import compose
 
 
 @pytest.mark.slow  # ~2 min on a quiet 2-core machine (local Ray, pretraining, 3 evaluations)
@@ -23,7 +24,7 @@ def test_default_config_runs_the_shapes_loop_with_heldout_evaluation(tmp_path):
         "policy.num_inference_steps=4", "learner.batch_size=4", "cluster.sample_batch_size=4",
     ])
     try:
-        summary = Driver(cfg).run()
+        summary = Driver(cfg, compose(cfg)).run()
     finally:
         ray.shutdown()
     assert summary["step"] == 4 and summary["invariant_ok"] is True

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cluster.prompt_sets import load_prompts
 from shapes.evaluator import accuracy, check, classify_shape, detect, pixel_colors
 from shapes.world import (
     COLORS,
@@ -21,14 +19,12 @@ from shapes.world import (
     make_split,
     parse_prompt,
     prompt_of,
+    prompt_records,
     relation_holds,
     render,
     shape_mask,
     split_info,
-    write_prompt_files,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def blur3(img: np.ndarray) -> np.ndarray:
@@ -121,13 +117,14 @@ def test_heldout_has_unseen_combinations():
     assert {s.relation[1] for s in train if s.relation} == set(RELATIONS)
 
 
-def test_prompt_files_committed_match_generator(tmp_path):
-    tr, ho = write_prompt_files(tmp_path)
-    for name, path in (("shapes_train.txt", tr), ("shapes_heldout.txt", ho)):
-        committed = REPO / "configs" / "prompts" / name
-        assert committed.read_text() == path.read_text(), f"regenerate {committed} with write_prompt_files"
-    recs = load_prompts(ho, format="txt")
-    assert [parse_prompt(r.text) for r in recs] == make_split(0)[1]
+def test_prompt_records_are_the_split():
+    train, held = make_split(0)
+    recs = prompt_records(0, "heldout")
+    assert [parse_prompt(r.text) for r in recs] == held and [r.category for r in recs] == [s.category for s in held]
+    assert len({r.id for r in prompt_records(0, "train")}) == len(train)
+    assert prompt_records(3, "train") != prompt_records(0, "train")  # the split seed is the one source
+    with pytest.raises(ValueError, match="train"):
+        prompt_records(0, "test")
 
 
 # ----- geometry and rendering -----------------------------------------------------------------

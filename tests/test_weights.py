@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.weights import (
+from actors.weights import (
     SyncResult,
     SyncStats,
     WeightStore,

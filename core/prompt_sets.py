@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 __all__ = [
-    "FORMATS", "PromptRecord", "PromptSourceError", "detect_format", "load_prompt_source", "load_prompts",
+    "FORMATS", "PromptCycler", "PromptRecord", "PromptSourceError", "detect_format", "load_prompt_source", "load_prompts",
     "resolve_prompt_path",
 ]
 
@@ -238,11 +239,37 @@ def resolve_prompt_path(path: str | Path, base_dirs: Sequence[str | Path] | None
     return (bases[0] if bases else Path.cwd()) / p
 
 
-def load_prompt_source(source: Any, seed: int = 0, base_dirs: Sequence[str | Path] | None = None) -> list[PromptRecord]:
-    """Load a ``PromptSourceConfig``: resolve the path, filter, limit, then shuffle with ``seed`` if asked."""
-    records = load_prompts(
-        resolve_prompt_path(source.path, base_dirs), source.format, source.categories, source.limit
-    )
-    if source.shuffle:
-        random.Random(seed).shuffle(records)
-    return records
+def load_prompt_source(source: Any, base_dirs: Sequence[str | Path] | None = None) -> list[PromptRecord]:
+    """Load a ``PromptSourceConfig`` with a file path: resolve the path, filter, limit (file order;
+    :class:`PromptCycler` does the one shuffle)."""
+    if source.path is None:
+        raise PromptSourceError("(none)", "cluster.prompts.path is null: the world's own prompts come from the "
+                                "composition root, not from a file")
+    return load_prompts(resolve_prompt_path(source.path, base_dirs), source.format, source.categories, source.limit)
+
+
+class PromptCycler:
+    """Endless walk over a prompt set, in a fresh seeded order each epoch (file order when ``shuffle`` is
+    off), with a unique generation seed per image (``seed * 1_000_003`` onwards)."""
+
+    def __init__(self, prompts: Sequence[PromptRecord], seed: int, shuffle: bool = True):
+        if not prompts:
+            raise ValueError("PromptCycler needs at least one prompt")
+        self.prompts, self.shuffle = list(prompts), shuffle
+        self.rng = random.Random(seed)
+        self.order: deque[PromptRecord] = deque()
+        self.counter = seed * 1_000_003
+
+    def take(self, n: int) -> tuple[list[PromptRecord], list[int]]:
+        """The next ``n`` prompts and their seeds."""
+        out = []
+        while len(out) < n:
+            if not self.order:
+                epoch = list(self.prompts)
+                if self.shuffle:
+                    self.rng.shuffle(epoch)
+                self.order.extend(epoch)
+            out.append(self.order.popleft())
+        seeds = list(range(self.counter, self.counter + n))
+        self.counter += n
+        return out, seeds

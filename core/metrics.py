@@ -17,97 +17,46 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Literal
 
-__all__ = [
-    "MetricSpec",
-    "METRIC_SPECS",
-    "ALL_METRICS",
-    "Metrics",
-    "prometheus_names",
-    "M_IMAGES_GENERATED",
-    "M_SAMPLES_SCORED",
-    "M_SAMPLES_TRAINED",
-    "M_JUDGE_REQUESTS",
-    "M_JUDGE_LATENCY",
-    "M_PARSE_FAILURES",
-    "M_BUFFER_SIZE",
-    "M_BUFFER_DROPS",
-    "M_LEARNER_STEPS",
-    "M_LEARNER_STEP_TIME",
-    "M_LEARNER_LOSS",
-    "M_LEARNER_LOSS_R",
-    "M_LEARNER_LOSS_REF",
-    "M_LEARNER_GRAD_NORM",
-    "M_REWARD_GLOBAL_SCORE",
-    "M_REWARD_ALPHA",
-    "M_REWARD_MEAN_R",
-    "M_POLICY_VERSION",
-    "M_VERSION_LAG",
-    "M_WEIGHT_SYNC_TIME",
-    "M_WEIGHT_SYNC_FAILURES",
-    "M_SAMPLER_BATCH_TIME",
-    "M_SCORER_SAMPLE_TIME",
-    "M_ACTORS",
-]
+__all__ = ["ALL_METRICS", "METRIC_SPECS", "Metric", "MetricSpec", "Metrics", "prometheus_names"]
 
 Kind = Literal["counter", "gauge", "histogram"]
 
 # Histogram boundaries (seconds). Ray requires strictly increasing positive boundaries.
-LATENCY_BOUNDS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
-STEP_BOUNDS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
-SYNC_BOUNDS_S = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+LATENCY_BOUNDS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+STEP_BOUNDS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+SYNC_BOUNDS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
-M_IMAGES_GENERATED = "srum_images_generated"
-M_SAMPLES_SCORED = "srum_samples_scored"
-M_SAMPLES_TRAINED = "srum_samples_trained"
-M_JUDGE_REQUESTS = "srum_judge_requests"
-M_JUDGE_LATENCY = "srum_judge_latency_seconds"
-M_PARSE_FAILURES = "srum_parse_failures"
-M_BUFFER_SIZE = "srum_buffer_size"
-M_BUFFER_DROPS = "srum_buffer_drops"
-M_LEARNER_STEPS = "srum_learner_steps"
-M_LEARNER_STEP_TIME = "srum_learner_step_seconds"
-M_LEARNER_LOSS = "srum_learner_loss"
-M_LEARNER_LOSS_R = "srum_learner_loss_r"
-M_LEARNER_LOSS_REF = "srum_learner_loss_ref"
-M_LEARNER_GRAD_NORM = "srum_learner_grad_norm"
-M_REWARD_GLOBAL_SCORE = "srum_reward_global_score"
-M_REWARD_ALPHA = "srum_reward_alpha"
-M_REWARD_MEAN_R = "srum_reward_mean_r"
-M_POLICY_VERSION = "srum_policy_version"
-M_VERSION_LAG = "srum_version_lag"
-M_WEIGHT_SYNC_TIME = "srum_weight_sync_seconds"
-M_WEIGHT_SYNC_FAILURES = "srum_weight_sync_failures"
-M_SAMPLER_BATCH_TIME = "srum_sampler_batch_seconds"
-M_SCORER_SAMPLE_TIME = "srum_scorer_sample_seconds"
-M_ACTORS = "srum_actors"
 
-# Short aliases (``from cluster import metrics as M; M.IMAGES_GENERATED``); same strings as above.
-IMAGES_GENERATED = M_IMAGES_GENERATED
-SAMPLES_SCORED = M_SAMPLES_SCORED
-SAMPLES_TRAINED = M_SAMPLES_TRAINED
-JUDGE_REQUESTS = M_JUDGE_REQUESTS
-JUDGE_LATENCY_SECONDS = M_JUDGE_LATENCY
-PARSE_FAILURES = M_PARSE_FAILURES
-BUFFER_SIZE = M_BUFFER_SIZE
-BUFFER_DROPS = M_BUFFER_DROPS
-LEARNER_STEPS = M_LEARNER_STEPS
-LEARNER_STEP_SECONDS = M_LEARNER_STEP_TIME
-LEARNER_LOSS = M_LEARNER_LOSS
-LEARNER_LOSS_R = M_LEARNER_LOSS_R
-LEARNER_LOSS_REF = M_LEARNER_LOSS_REF
-LEARNER_GRAD_NORM = M_LEARNER_GRAD_NORM
-REWARD_GLOBAL_SCORE = M_REWARD_GLOBAL_SCORE
-REWARD_ALPHA = M_REWARD_ALPHA
-REWARD_MEAN_R = M_REWARD_MEAN_R
-POLICY_VERSION = M_POLICY_VERSION
-ACTOR_VERSION_LAG = M_VERSION_LAG
-WEIGHT_SYNC_SECONDS = M_WEIGHT_SYNC_TIME
-WEIGHT_SYNC_FAILURES = M_WEIGHT_SYNC_FAILURES
-SAMPLER_BATCH_SECONDS = M_SAMPLER_BATCH_TIME
-SCORER_SAMPLE_SECONDS = M_SCORER_SAMPLE_TIME
-ACTORS = M_ACTORS
+class Metric(StrEnum):
+    """Every metric name the service records (declared once; :data:`METRIC_SPECS` describes each)."""
+
+    IMAGES_GENERATED = "srum_images_generated"
+    SAMPLES_SCORED = "srum_samples_scored"
+    SAMPLES_TRAINED = "srum_samples_trained"
+    JUDGE_REQUESTS = "srum_judge_requests"
+    JUDGE_LATENCY = "srum_judge_latency_seconds"
+    PARSE_FAILURES = "srum_parse_failures"
+    BUFFER_SIZE = "srum_buffer_size"
+    BUFFER_DROPS = "srum_buffer_drops"
+    LEARNER_STEPS = "srum_learner_steps"
+    LEARNER_STEP_TIME = "srum_learner_step_seconds"
+    LEARNER_LOSS = "srum_learner_loss"
+    LEARNER_LOSS_R = "srum_learner_loss_r"
+    LEARNER_LOSS_REF = "srum_learner_loss_ref"
+    LEARNER_GRAD_NORM = "srum_learner_grad_norm"
+    REWARD_GLOBAL_SCORE = "srum_reward_global_score"
+    REWARD_ALPHA = "srum_reward_alpha"
+    REWARD_MEAN_R = "srum_reward_mean_r"
+    POLICY_VERSION = "srum_policy_version"
+    VERSION_LAG = "srum_version_lag"
+    WEIGHT_SYNC_TIME = "srum_weight_sync_seconds"
+    WEIGHT_SYNC_FAILURES = "srum_weight_sync_failures"
+    SAMPLER_BATCH_TIME = "srum_sampler_batch_seconds"
+    SCORER_SAMPLE_TIME = "srum_scorer_sample_seconds"
+    ACTORS = "srum_actors"
 
 
 @dataclass(frozen=True)
@@ -131,42 +80,42 @@ def _specs(*specs: MetricSpec) -> dict[str, MetricSpec]:
 
 
 METRIC_SPECS: dict[str, MetricSpec] = _specs(
-    MetricSpec(M_IMAGES_GENERATED, "counter", "Images generated by samplers.", ("actor",)),
-    MetricSpec(M_SAMPLES_SCORED, "counter", "Samples scored, by scorer (outcomes: srum_buffer_drops by reason).",
+    MetricSpec(Metric.IMAGES_GENERATED, "counter", "Images generated by samplers.", ("actor",)),
+    MetricSpec(Metric.SAMPLES_SCORED, "counter", "Samples scored, by scorer (outcomes: srum_buffer_drops by reason).",
                ("actor",)),
-    MetricSpec(M_SAMPLES_TRAINED, "counter", "Samples consumed by learner steps."),
-    MetricSpec(M_JUDGE_REQUESTS, "counter", "Judge requests by outcome (ok, timeout, connect_error, http_5xx, "
+    MetricSpec(Metric.SAMPLES_TRAINED, "counter", "Samples consumed by learner steps."),
+    MetricSpec(Metric.JUDGE_REQUESTS, "counter", "Judge requests by outcome (ok, timeout, connect_error, http_5xx, "
                "http_4xx, retry, ...) and kind (global, regions, sample).", ("outcome", "kind")),
-    MetricSpec(M_JUDGE_LATENCY, "histogram", "Judge request latency in seconds, by kind.", ("kind",),
-               tuple(LATENCY_BOUNDS_S)),
-    MetricSpec(M_PARSE_FAILURES, "counter", "Judge answers that could not be parsed into a score, by kind.",
+    MetricSpec(Metric.JUDGE_LATENCY, "histogram", "Judge request latency in seconds, by kind.", ("kind",),
+               LATENCY_BOUNDS_S),
+    MetricSpec(Metric.PARSE_FAILURES, "counter", "Judge answers that could not be parsed into a score, by kind.",
                ("kind",)),
-    MetricSpec(M_BUFFER_SIZE, "gauge", "Entries in the replay buffer."),
-    MetricSpec(M_BUFFER_DROPS, "counter", "Samples dropped, by reason (stale, evicted, judge_failed, "
+    MetricSpec(Metric.BUFFER_SIZE, "gauge", "Entries in the replay buffer."),
+    MetricSpec(Metric.BUFFER_DROPS, "counter", "Samples dropped, by reason (stale, evicted, judge_failed, "
                "zero_global, lost, ...).", ("reason",)),
-    MetricSpec(M_LEARNER_STEPS, "counter", "Learner optimiser steps."),
-    MetricSpec(M_LEARNER_STEP_TIME, "histogram", "Learner step time in seconds (fetch + forward/backward + "
-               "optimiser).", (), tuple(STEP_BOUNDS_S)),
-    MetricSpec(M_LEARNER_LOSS, "gauge", "Learner total loss L = L_r + lambda_c * L_ref, last step."),
-    MetricSpec(M_LEARNER_LOSS_R, "gauge", "Reward-weighted term L_r of the last step."),
-    MetricSpec(M_LEARNER_LOSS_REF, "gauge", "Reference (constraint) term L_ref of the last step."),
-    MetricSpec(M_LEARNER_GRAD_NORM, "gauge", "Gradient norm before clipping, last step."),
+    MetricSpec(Metric.LEARNER_STEPS, "counter", "Learner optimiser steps."),
+    MetricSpec(Metric.LEARNER_STEP_TIME, "histogram", "Learner step time in seconds (fetch + forward/backward + "
+               "optimiser).", (), STEP_BOUNDS_S),
+    MetricSpec(Metric.LEARNER_LOSS, "gauge", "Learner total loss L = L_r + lambda_c * L_ref, last step."),
+    MetricSpec(Metric.LEARNER_LOSS_R, "gauge", "Reward-weighted term L_r of the last step."),
+    MetricSpec(Metric.LEARNER_LOSS_REF, "gauge", "Reference (constraint) term L_ref of the last step."),
+    MetricSpec(Metric.LEARNER_GRAD_NORM, "gauge", "Gradient norm before clipping, last step."),
     # Rewards are gauges (batch means): Ray histograms only take positive boundaries and scores are in [-1, 1].
-    MetricSpec(M_REWARD_GLOBAL_SCORE, "gauge", "Mean global layout score of the last batch (scorer: scored, "
+    MetricSpec(Metric.REWARD_GLOBAL_SCORE, "gauge", "Mean global layout score of the last batch (scorer: scored, "
                "learner: trained).", ("actor",)),
-    MetricSpec(M_REWARD_ALPHA, "gauge", "Mean global weight alpha of the last batch.", ("actor",)),
-    MetricSpec(M_REWARD_MEAN_R, "gauge", "Mean reward-map value R of the last batch.", ("actor",)),
-    MetricSpec(M_POLICY_VERSION, "gauge", "Latest policy version published by the learner."),
-    MetricSpec(M_VERSION_LAG, "gauge", "Published version minus the actor's version.", ("actor",)),
-    MetricSpec(M_WEIGHT_SYNC_TIME, "histogram", "Weight sync time (fetch + load) in seconds.", ("actor",),
-               tuple(SYNC_BOUNDS_S)),
-    MetricSpec(M_WEIGHT_SYNC_FAILURES, "counter", "Weight syncs that failed (owner died, lost, timeout).",
+    MetricSpec(Metric.REWARD_ALPHA, "gauge", "Mean global weight alpha of the last batch.", ("actor",)),
+    MetricSpec(Metric.REWARD_MEAN_R, "gauge", "Mean reward-map value R of the last batch.", ("actor",)),
+    MetricSpec(Metric.POLICY_VERSION, "gauge", "Latest policy version published by the learner."),
+    MetricSpec(Metric.VERSION_LAG, "gauge", "Published version minus the actor's version.", ("actor",)),
+    MetricSpec(Metric.WEIGHT_SYNC_TIME, "histogram", "Weight sync time (fetch + load) in seconds.", ("actor",),
+               SYNC_BOUNDS_S),
+    MetricSpec(Metric.WEIGHT_SYNC_FAILURES, "counter", "Weight syncs that failed (owner died, lost, timeout).",
                ("actor",)),
-    MetricSpec(M_SAMPLER_BATCH_TIME, "histogram", "Sampler time per generated batch in seconds.", ("actor",),
-               tuple(STEP_BOUNDS_S)),
-    MetricSpec(M_SCORER_SAMPLE_TIME, "histogram", "Scorer time per sample (regions + judge + reward map).",
-               ("actor",), tuple(LATENCY_BOUNDS_S)),
-    MetricSpec(M_ACTORS, "gauge", "Actors by role (sampler, scorer) and state (desired, alive).", ("role", "state")),
+    MetricSpec(Metric.SAMPLER_BATCH_TIME, "histogram", "Sampler time per generated batch in seconds.", ("actor",),
+               STEP_BOUNDS_S),
+    MetricSpec(Metric.SCORER_SAMPLE_TIME, "histogram", "Scorer time per sample (regions + judge + reward map).",
+               ("actor",), LATENCY_BOUNDS_S),
+    MetricSpec(Metric.ACTORS, "gauge", "Actors by role (sampler, scorer) and state (desired, alive).", ("role", "state")),
 )
 
 ALL_METRICS: tuple[str, ...] = tuple(METRIC_SPECS)
@@ -253,7 +202,7 @@ class Metrics:
     def _prepare(self, name: str, kind: str, tags: dict[str, Any]) -> tuple[Any, dict[str, str]]:
         spec = METRIC_SPECS.get(name)
         if spec is None:
-            raise ValueError(f"unknown metric {name!r}; declare it in cluster.metrics.METRIC_SPECS")
+            raise ValueError(f"unknown metric {name!r}; declare it in core.metrics.METRIC_SPECS")
         if spec.kind != kind:
             method = {"counter": "inc", "gauge": "set", "histogram": "observe"}[spec.kind]
             raise ValueError(f"metric {name} is a {spec.kind}, not a {kind}: record it with {method}()")

@@ -1,10 +1,10 @@
 """`srum`: the command line.
 
-    srum run --config configs/default.yaml [key=value ...]   # the online loop, locally (same as cluster.main)
+    srum run --config configs/default.yaml [key=value ...]   # the online loop, locally (same as srum.main)
     srum scale --samplers 4 --scorers 2                       # change actor counts of the running job
     srum status [--json]                                      # throughput, buffer, versions, lag, judge health
     srum stop                                                 # ask the running job to finish (final checkpoint)
-    srum config [--config X.yaml] [key=value ...] [--list]    # show the resolved config / every field
+    srum config [--config X.yaml] [key=value ...] [--list [--all]]  # the resolved config / its fields
 
 `scale`, `status` and `stop` talk to the running job's controller actor (`srum_controller`, namespace
 `srum`) through Ray: run them on a node of the cluster (`--address auto`, the default) or pass the
@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from cluster.config import ConfigError, config_to_yaml, format_config_help, load_config
+from core.config_io import ConfigError, config_to_yaml, describe_config, format_config_help, load_config
 
 
 def _controller(address: str):
@@ -76,20 +76,20 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    if args.list:
-        print(format_config_help())
-        return 0
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         print(f"srum: {exc}", file=sys.stderr)
         return 2
+    if args.list:  # the fields of the sections this config selects (every backend's with --all)
+        print(format_config_help(describe_config(None if args.all else cfg, all_variants=args.all)))
+        return 0
     print(config_to_yaml(cfg))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cluster.main import build_parser as run_parser
+    from srum.main import build_parser as run_parser
 
     p = argparse.ArgumentParser(prog="srum", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="show the resolved config, or --list every field")
     c.add_argument("--config", "-c", default=None)
     c.add_argument("overrides", nargs="*")
-    c.add_argument("--list", action="store_true", help="every field with its default and description")
+    c.add_argument("--list", action="store_true", help="the config's fields with their defaults and descriptions")
+    c.add_argument("--all", action="store_true", help="with --list: every backend's fields, not only the selected")
     c.set_defaults(func=cmd_config)
     return p
 
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["run"]:  # options and overrides may interleave: the entrypoint's own parser handles it
-        from cluster.main import main as run_main
+        from srum.main import main as run_main
 
         return run_main(argv[1:], prog="srum run")
     args = build_parser().parse_args(argv)

@@ -2,7 +2,7 @@
 
 The learner host calls :func:`publish_state` every ``sync_every`` steps: the trainable state (LoRA
 adapters only when training LoRA) is moved to CPU and put into the object store ONCE; the
-:class:`WeightStore` actor (a named actor, made remote by ``cluster/``) keeps only
+:class:`WeightStore` actor (made remote by the driver, :mod:`cluster.driver`) keeps only
 ``(version, [ref])``. Samplers call :func:`maybe_sync` between batches: it asks the store for its
 version (a tiny call) and fetches + loads the state only when the sampler is behind. N samplers
 read the same object (Ray copies it to each node once).

@@ -2,12 +2,12 @@
 
 Launch it locally (starts a Ray on 127.0.0.1 when none is given):
 
-    python -m cluster.main --config configs/default.yaml [dotted.key=value ...]
+    python -m srum.main --config configs/default.yaml [dotted.key=value ...]
 
 or on a running Ray cluster, which is what `ray job submit` runs:
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python -m cluster.main --config configs/default.yaml run.max_steps=500
+        python -m srum.main --config configs/default.yaml run.max_steps=500
 
 It stops on its step or time budget, on `srum stop` / `ray job stop` / SIGTERM / Ctrl-C, always after
 draining in-flight work and writing a final checkpoint. Exit status: 0 when it ended cleanly, 2 for a
@@ -24,13 +24,13 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from cluster.config import ConfigError, load_config
-from cluster.prompt_sets import PromptSourceError
+from core.config_io import ConfigError, load_config
+from core.prompt_sets import PromptSourceError
 
 log = logging.getLogger("srum")
 
 
-def build_parser(prog: str = "python -m cluster.main") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m srum.main") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Run the online SRUM loop (sample -> judge -> train).")
     p.add_argument("--config", "-c", default=None, help="YAML config (default: built-in defaults)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lambda_c=0.3 run.max_steps=20")
@@ -47,8 +47,9 @@ def run(config: str | None, overrides: Sequence[str], summary_json: str | None =
             # to the machine's own address)
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         from cluster.driver import Driver  # imported here so `--help` and config errors stay fast
+        from srum.registry import compose
 
-        driver = Driver(cfg)
+        driver = Driver(cfg, compose(cfg))
     except (ConfigError, PromptSourceError) as exc:
         print(f"srum: {exc}", file=sys.stderr)
         return 2
@@ -72,7 +73,7 @@ def run(config: str | None, overrides: Sequence[str], summary_json: str | None =
     return 0 if ok else 1
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m cluster.main") -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m srum.main") -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser(prog).parse_intermixed_args(argv)
     return run(args.config, args.overrides, args.summary_json)

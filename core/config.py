@@ -1,0 +1,335 @@
+"""The typed configuration of srum: one pydantic model per section, backends as discriminated unions.
+
+Every section forbids unknown keys and every field carries a default and a one-line description
+(``srum config --list`` prints them for the sections a config actually selects). The learner's
+defaults are the paper's recipe (DESIGN §4, paper Table 6). Loading YAML with dotted overrides, the
+error messages and the field listing live in :mod:`core.config_io`; this module is only the schema.
+
+Backends are tagged unions, so each section carries only the fields of the implementation it selects:
+
+- ``policy`` on ``kind``: ``sd3`` / ``flux`` (:class:`DiffusersPolicyConfig`) or ``shapes``
+  (:class:`ShapesPolicyConfig`, the embedded world);
+- ``judge`` on ``backend``: ``openai`` (a server such as vLLM), ``transformers`` (in-process) or
+  ``shapes`` (the world's learned judge);
+- ``regions`` on ``proposer``: ``sam``, ``grounding``, ``components`` (the shapes world) or ``none``.
+
+Precedence rules decided here (documented on the fields as well):
+- ``policy.pretrained`` / ``judge.pretrained`` win over ``tiny``: ``tiny`` only says what to build when
+  no pretrained model is named; with neither, validation fails.
+- ``reward.background`` and ``reward.merge`` belong to ``semantics="signed"``; a non-default value with
+  ``semantics="official"`` (fixed 0.5 background, max merge) is an error rather than a silent no-op.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "DEFAULT_PROMPTS_PATH", "ClusterConfig", "ComponentsRegionsConfig", "DiffusersPolicyConfig",
+    "GroundingRegionsConfig", "JudgeConfig", "LearnerConfig", "NoRegionsConfig", "OpenAIJudgeConfig",
+    "PolicyConfig", "PromptSourceConfig", "RegionsConfig", "ResourceConfig", "RewardConfig", "RunConfig",
+    "SRUMConfig", "SamRegionsConfig", "ShapesJudgeConfig", "ShapesPolicyConfig", "TransformersJudgeConfig",
+]
+
+DEFAULT_PROMPTS_PATH = "configs/prompts/default.txt"
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# --------------------------------------------------------------------------------------------- run
+class RunConfig(_Section):
+    name: str = Field("srum", min_length=1, description="Run name; used in the output folder and metrics.")
+    output_dir: str = Field("runs", min_length=1, description="Folder that holds run outputs (checkpoints, metrics, gallery).")
+    seed: int = Field(0, ge=0, description="Base random seed for prompts, noise and timesteps.")
+    max_steps: int = Field(200, ge=1, description="Budget: stop after this many learner steps.")
+    max_seconds: float | None = Field(None, gt=0, description="Budget: stop after this many wall-clock seconds (null = no limit).")
+    refresh_every: int = Field(20, ge=1, description="Rewrite curves.png and gallery.html every N learner steps (and at the end).")
+    eval_every: int = Field(0, ge=0, description="Held-out evaluation every N learner steps, plus at start and end (0 = off; needs a world with an evaluator).")
+    eval_seeds: int = Field(2, ge=1, description="Images per held-out prompt in each evaluation.")
+
+
+# ------------------------------------------------------------------------------------------ policy
+class _PolicyBase(_Section):
+    TRAINING_FIELDS: ClassVar[tuple[str, ...]] = ("kind", "lora_rank", "lora_alpha", "lora_target_modules")
+    """Fields whose change alters the optimisation: resuming across a change of one is an error."""
+
+    device: str = Field("auto", min_length=1, description="Torch device; 'auto' = cuda if available else cpu.")
+    lora_rank: int = Field(0, ge=0, description="0 = full fine-tuning of the denoiser; >0 = peft LoRA of this rank.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (used when lora_rank > 0).")
+    lora_target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS),
+                                           description="Denoiser module names LoRA attaches to (used when lora_rank > 0).")
+    num_inference_steps: int = Field(8, ge=1, le=1000, description="Sampler denoising steps per image.")
+    guidance_scale: float = Field(4.5, ge=0, description="Classifier-free guidance scale for sampling (<=1 disables CFG).")
+    eval_guidance_scale: float | None = Field(
+        None, ge=0, description="Guidance for held-out evaluation (null = guidance_scale); lets training samples go "
+        "without CFG (guidance_scale 1) while evaluation uses it.")
+
+    @model_validator(mode="after")
+    def _lora(self) -> _PolicyBase:
+        if self.lora_rank > 0 and not self.lora_target_modules:
+            raise ValueError("lora_target_modules must not be empty when lora_rank > 0")
+        return self
+
+
+class DiffusersPolicyConfig(_PolicyBase):
+    """A diffusers rectified-flow pipeline: StableDiffusion3Pipeline (sd3) or FluxPipeline (flux)."""
+
+    TRAINING_FIELDS: ClassVar[tuple[str, ...]] = (*_PolicyBase.TRAINING_FIELDS, "pretrained", "tiny", "dtype")
+
+    kind: Literal["sd3", "flux"] = Field("sd3", description="Which diffusers pipeline: StableDiffusion3Pipeline or FluxPipeline.")
+    pretrained: str | None = Field(None, description="Hub id or local dir loaded with from_pretrained; wins over `tiny` when set.")
+    tiny: bool = Field(True, description="Build a tiny random pipeline from configs when `pretrained` is null.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weight dtype of the pipeline.")
+    height: int = Field(64, ge=16, le=4096, description="Generated image height in pixels (multiple of 16).")
+    width: int = Field(64, ge=16, le=4096, description="Generated image width in pixels (multiple of 16).")
+    max_sequence_length: int = Field(77, ge=1, le=512, description="Max T5 prompt tokens.")
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_16(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError("must be a multiple of 16 (VAE factor x patch size)")
+        return v
+
+    @model_validator(mode="after")
+    def _model(self) -> DiffusersPolicyConfig:
+        if self.pretrained is None and not self.tiny:
+            raise ValueError("no model to build: set pretrained (hub id or local dir) or tiny=true")
+        return self
+
+
+class ShapesPolicyConfig(_PolicyBase):
+    """The shapes world's pixel-space generator, pretrained in-run on rendered images (cached on disk)."""
+
+    TRAINING_FIELDS: ClassVar[tuple[str, ...]] = (*_PolicyBase.TRAINING_FIELDS, "pretrain_steps", "pretrain_seed",
+                                                  "split_seed")
+
+    kind: Literal["shapes"] = Field("shapes", description="The shapes world's base generator.")
+    num_inference_steps: int = Field(16, ge=1, le=1000, description="Sampler Euler steps per image.")
+    guidance_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale for training samples (<=1 disables CFG).")
+    sample_shift: float = Field(3.0, gt=0, description="Timestep shift of the sampler's Euler schedule.")
+    pretrain_steps: int = Field(900, ge=0, description="Steps of in-run base pretraining (cached on disk).")
+    pretrain_seed: int = Field(0, ge=0, description="Seed of base pretraining.")
+    pretrain_cache_dir: str | None = Field(None, description="Cache dir of pretrained bases (null = $SRUM_CACHE/shapes or ~/.cache/srum/shapes).")
+    split_seed: int = Field(0, ge=0, description="Seed of the world's train/held-out prompt split (the one source of both prompt sets).")
+
+
+PolicyConfig = Annotated[DiffusersPolicyConfig | ShapesPolicyConfig, Field(discriminator="kind")]
+
+
+# ------------------------------------------------------------------------------------------- judge
+class _JudgeBase(_Section):
+    mode: Literal["text", "structured", "logprob"] = Field("logprob", description="How scores are read: parsed text, JSON-schema output, or score-token logprobs.")
+    max_tokens: int = Field(512, ge=1, description="Max tokens per judge answer.")
+    temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature of the judge (0 = greedy).")
+
+
+class OpenAIJudgeConfig(_JudgeBase):
+    """An OpenAI-compatible chat-completions server (vLLM in production), one or more endpoints."""
+
+    backend: Literal["openai"] = Field("openai", description="OpenAI-compatible server(s), e.g. vLLM.")
+    endpoints: list[str] = Field(
+        default_factory=lambda: ["http://127.0.0.1:8000/v1"],
+        description="Base URLs (http/https) of OpenAI-compatible servers; load is spread across them.",
+        json_schema_extra={"allowed": "list of distinct http(s) URLs, e.g. ['http://127.0.0.1:8000/v1']"},
+    )
+    model: str = Field("tiny-vlm", min_length=1, description="Model name sent to the server (served-model-name).")
+    api_key: str = Field("EMPTY", description="API key sent to the server ('EMPTY' for a local vLLM).")
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
+    max_retries: int = Field(3, ge=0, description="Retries on connection errors and 5xx (4xx is never retried).")
+    backoff_s: float = Field(0.5, ge=0, description="Base of the exponential backoff between retries, seconds.")
+    max_in_flight_per_endpoint: int = Field(16, ge=1, description="Cap on concurrent requests per endpoint (the backpressure).")
+    health_check: bool = Field(True, description="Check each endpoint (GET /v1/models: up, and serving `model`) before use.")
+
+    @field_validator("endpoints")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("backend='openai' needs at least one endpoint in endpoints")
+        for url in v:
+            p = urlparse(url)
+            if p.scheme not in ("http", "https") or not p.netloc:
+                raise ValueError(f"endpoint {url!r} is not an http(s) URL like 'http://127.0.0.1:8000/v1'")
+        dup = sorted({u for u in v if v.count(u) > 1})
+        if dup:
+            raise ValueError(f"duplicate endpoints: {dup}")
+        return v
+
+
+class TransformersJudgeConfig(_JudgeBase):
+    """A transformers VLM run in the scorer's own process."""
+
+    backend: Literal["transformers"] = Field("transformers", description="In-process transformers VLM.")
+    pretrained: str | None = Field(None, description="Hub id or local dir of the VLM; wins over `tiny` when set.")
+    tiny: bool = Field(True, description="Build a tiny random VLM when `pretrained` is null.")
+
+    @model_validator(mode="after")
+    def _model(self) -> TransformersJudgeConfig:
+        if self.pretrained is None and not self.tiny:
+            raise ValueError("backend='transformers' has no model: set pretrained or tiny=true")
+        return self
+
+
+class ShapesJudgeConfig(_JudgeBase):
+    """The shapes world's learned understanding module, in-process."""
+
+    backend: Literal["shapes"] = Field("shapes", description="The shapes world's learned judge.")
+    mode: Literal["text", "structured", "logprob"] = Field("text", description="How scores are read: parsed text, JSON-schema output, or score-token logprobs.")
+
+
+JudgeConfig = Annotated[OpenAIJudgeConfig | TransformersJudgeConfig | ShapesJudgeConfig,
+                        Field(discriminator="backend")]
+
+
+# ----------------------------------------------------------------------------------------- regions
+class NoRegionsConfig(_Section):
+    """No regions: the reward map is the background times the global weight."""
+
+    keyword_filter: ClassVar[bool] = False  # nothing to filter
+
+    proposer: Literal["none"] = Field("none", description="No region proposals.")
+
+
+class _SelectedRegions(_Section):
+    top_k: int = Field(5, ge=1, description="Keep the K largest regions (the released code keeps 5).")
+    min_area_frac: float = Field(0.01, ge=0, lt=1, description="Drop regions smaller than this fraction of the image.")
+    dedup_iou: float = Field(0.9, gt=0, le=1, description="Drop a box overlapping a kept one with IoU >= this.")
+    keyword_filter: bool = Field(False, description="Keep only regions whose identified object matches a prompt word.")
+
+
+class SamRegionsConfig(_SelectedRegions):
+    """segment-anything's automatic mask generator on the generated image."""
+
+    proposer: Literal["sam"] = Field("sam", description="SAM automatic masks.")
+    model_type: Literal["vit_h", "vit_l", "vit_b", "tiny"] = Field("tiny", description="SAM architecture ('tiny' = small random model for tests).")
+    checkpoint: str | None = Field(None, description="Path to SAM weights (null = random init; real runs need one).")
+    points_per_side: int = Field(8, ge=1, le=128, description="Automatic mask generator grid density.")
+    pred_iou_thresh: float = Field(0.0, ge=0, le=1, description="Predicted-IoU filter (0 for random tiny models; SAM's own default 0.88).")
+    stability_score_thresh: float = Field(0.0, ge=0, le=1, description="Stability-score filter (0 for random tiny models; SAM's own default 0.95).")
+
+
+class GroundingRegionsConfig(_SelectedRegions):
+    """Boxes from the understanding module's own grounding answer."""
+
+    proposer: Literal["grounding"] = Field("grounding", description="The judge's own grounding.")
+
+
+class ComponentsRegionsConfig(_SelectedRegions):
+    """Connected components of the generated image (the shapes world)."""
+
+    proposer: Literal["components"] = Field("components", description="Connected components (shapes world).")
+
+
+RegionsConfig = Annotated[SamRegionsConfig | GroundingRegionsConfig | ComponentsRegionsConfig | NoRegionsConfig,
+                          Field(discriminator="proposer")]
+
+
+# ------------------------------------------------------------------------------------------ reward
+class RewardConfig(_Section):
+    semantics: Literal["official", "signed"] = Field("official", description="'official' = released code (R in [0,1]); 'signed' = paper text (R in [-1,1]).")
+    background: float = Field(0.0, ge=-1, le=1, description="Signed only: R outside all regions (official is fixed at 0.5).")
+    merge: Literal["max", "mean", "min", "smallest"] = Field("max", description="Signed only: overlapping boxes rule (official always max).")
+    granularity: Literal["region", "sample"] = Field("region", description="'sample' = one score for the whole image (ablation).")
+    binarize: bool = Field(False, description="Binarise R to {0,1} (ablation).")
+    binarize_threshold: float = Field(0.5, ge=0, le=1, description="Threshold on R mapped to [0,1] when binarize is on.")
+    use_global: bool = Field(True, description="Multiply by the global-layout weight (g+1)/2; false = ablation without it.")
+    resize: Literal["area", "bilinear"] = Field("area", description="How the image-resolution map is resized to the latent grid.")
+
+    @model_validator(mode="after")
+    def _check(self) -> RewardConfig:
+        if self.semantics == "official":
+            bad = [f"{k}={getattr(self, k)!r}" for k, d in (("background", 0.0), ("merge", "max")) if getattr(self, k) != d]
+            if bad:
+                raise ValueError(
+                    f"{', '.join(bad)}: used only with semantics='signed' (official has a fixed 0.5 background "
+                    "and max merge); set semantics=signed or drop the setting"
+                )
+        return self
+
+
+# ----------------------------------------------------------------------------------------- learner
+class LearnerConfig(_Section):
+    TRAINING_FIELDS: ClassVar[tuple[str, ...]] = (
+        "lr", "betas", "eps", "weight_decay", "warmup_steps", "grad_clip", "lambda_c", "weight_floor",
+        "timestep_shift", "logit_mean", "logit_std", "ema_decay", "mixed_precision")
+    """Fields whose change alters the optimisation: resuming across a change of one is an error."""
+
+    lr: float = Field(2.5e-5, gt=0, le=1, description="AdamW learning rate (paper: 2.5e-5).")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.95), description="AdamW betas, each in [0, 1) (paper: 0.9, 0.95)."
+    )
+    eps: float = Field(1e-15, gt=0, description="AdamW epsilon (paper: 1e-15).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (paper: 0).")
+    warmup_steps: int = Field(500, ge=0, description="Linear LR warm-up steps, then constant (paper: 500).")
+    grad_clip: float | None = Field(1.0, gt=0, description="Gradient-norm clip (paper: 1.0; null = no clipping).")
+    lambda_c: float = Field(0.5, ge=0, description="Weight of the reference (constraint) term L_ref (paper: 0.5).")
+    weight_floor: float | None = Field(0.0, description="Floor of the per-pixel weight a*R + lambda_c (keeps the loss bounded; null = none).")
+    timestep_shift: float = Field(4.0, gt=0, description="SD3 timestep shift (paper Table 6: 4.0; released code: 1.0).")
+    logit_mean: float = Field(0.0, description="Mean of the logit-normal timestep distribution.")
+    logit_std: float = Field(1.0, gt=0, description="Std of the logit-normal timestep distribution.")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA decay of trained weights (null = off; released code: 0.9999).")
+    batch_size: int = Field(4, ge=1, description="Samples per learner step.")
+    sync_every: int = Field(1, ge=1, description="Publish weights to samplers every N learner steps.")
+    checkpoint_every: int = Field(100, ge=0, description="Save a checkpoint every N steps (0 = only the final one).")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="Autocast for the train step ('auto' = bf16 on CUDA, none on CPU).")
+
+
+# ----------------------------------------------------------------------------------------- cluster
+class ResourceConfig(_Section):
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per actor.")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved per actor (fractions allowed).")
+
+
+class PromptSourceConfig(_Section):
+    path: str | None = Field(DEFAULT_PROMPTS_PATH, min_length=1, description="Prompt file (.txt, T2I-CompBench .json, GenEval .jsonl; relative = to the working dir, then the repo); null = the world's own training prompts.")
+    format: Literal["auto", "txt", "t2i_compbench", "geneval"] = Field("auto", description="File format; 'auto' = by extension and content.")
+    categories: list[str] | None = Field(None, min_length=1, description="Keep only these categories (null = all).")
+    limit: int | None = Field(None, ge=1, description="Keep at most this many prompts (after the category filter; null = all).")
+    shuffle: bool = Field(True, description="Walk the prompts in a fresh seeded order each epoch (false = file order).")
+
+
+class ClusterConfig(_Section):
+    address: str | None = Field(None, description="Ray address ('auto' or host:port); null = start a local Ray.")
+    num_samplers: int = Field(1, ge=1, description="Sampler actors (generation).")
+    num_scorers: int = Field(1, ge=1, description="Scorer actors (regions + judge + reward map).")
+    sampler_resources: ResourceConfig = Field(default_factory=ResourceConfig, description="Ray resources per sampler actor.")
+    scorer_resources: ResourceConfig = Field(default_factory=ResourceConfig, description="Ray resources per scorer actor.")
+    learner_resources: ResourceConfig = Field(default_factory=ResourceConfig, description="Ray resources of the learner actor.")
+    sample_batch_size: int = Field(4, ge=1, description="Prompts per sampler call.")
+    buffer_capacity: int = Field(256, ge=1, description="Replay buffer capacity in samples (oldest dropped first).")
+    max_staleness: int = Field(4, ge=0, description="Drop samples whose policy version lags the learner by more than this.")
+    recency_bias: float = Field(0.0, ge=0, description="Sampling preference for recent samples (0 = uniform).")
+    max_in_flight_batches: int = Field(4, ge=1, description="Bound on sample batches being generated or scored (backpressure).")
+    sampler_calls_in_flight: int = Field(2, ge=1, description="Sample calls queued per sampler actor (2 = the next batch is ready when one finishes).")
+    scorer_calls_in_flight: int = Field(4, ge=1, description="Score calls in flight per scorer actor (its batches are judged concurrently).")
+    scorer_concurrency: int = Field(8, ge=1, description="Ray max_concurrency of each async scorer actor (bounds its concurrent calls).")
+    drain_timeout_s: float = Field(60.0, gt=0, description="At stop: how long in-flight sample/score work may take before it is counted as lost.")
+    max_restarts: int = Field(3, ge=-1, description="Ray actor restarts on failure (-1 = unlimited).")
+    prompts: PromptSourceConfig = Field(default_factory=PromptSourceConfig, description="Prompt source.")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Ray metrics export port (null = Ray's choice).")
+
+
+# ------------------------------------------------------------------------------------------ config
+class SRUMConfig(_Section):
+    run: RunConfig = Field(default_factory=RunConfig, description="Run identity and budget.")
+    policy: PolicyConfig = Field(default_factory=DiffusersPolicyConfig, description="Generation module (the policy).")
+    judge: JudgeConfig = Field(default_factory=TransformersJudgeConfig, description="Understanding module used as judge.")
+    regions: RegionsConfig = Field(default_factory=SamRegionsConfig, description="Region proposals.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward-map semantics and ablations.")
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Loss and optimiser recipe.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray actors, buffer and prompts.")
+
+    @model_validator(mode="after")
+    def _check(self) -> SRUMConfig:
+        if self.cluster.buffer_capacity < self.learner.batch_size:
+            raise ValueError(
+                f"cluster.buffer_capacity ({self.cluster.buffer_capacity}) must be >= "
+                f"learner.batch_size ({self.learner.batch_size})"
+            )
+        return self
