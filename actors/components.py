@@ -69,7 +69,7 @@ class Components:
         """The per-sample scorer: ``judge`` (a new one when None), its region proposer, the reward map."""
         judge = judge if judge is not None else self.judge()
         return SampleScorer(judge, self.proposer_factory(self.cfg.regions, judge), self.cfg.reward,
-                            keyword_filter=self.cfg.regions.keyword_filter)
+                            keyword_filter=self.cfg.regions.keyword_filter, on_ambiguous=self.cfg.judge.on_ambiguous)
 
     def evaluator(self) -> Evaluator | None:
         return None if self.world.evaluator is None else self.world.evaluator(self.cfg)

@@ -128,6 +128,7 @@ class _JudgeBase(_Section):
     mode: Literal["text", "structured", "logprob"] = Field("logprob", description="How scores are read: parsed text, JSON-schema output, or score-token logprobs.")
     max_tokens: int = Field(512, ge=1, description="Max tokens per judge answer.")
     temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature of the judge (0 = greedy).")
+    on_ambiguous: Literal["drop", "neutral", "use"] = Field("drop", description="An answer read only with a doubt (another scale, conflicting scores, a clamp, ...): drop the sample, score it 0, or use the parser's best reading.")
 
 
 class OpenAIJudgeConfig(_JudgeBase):

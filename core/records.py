@@ -45,6 +45,7 @@ class DropReason(StrEnum):
     """Why a generated sample was not trained on (the buffer counts each; ``srum_buffer_drops{reason}``)."""
 
     JUDGE_FAILED = "judge_failed"  # the judge (or the proposer) failed for it after retries
+    JUDGE_AMBIGUOUS = "judge_ambiguous"  # a score was read only with a doubt, and judge.on_ambiguous is drop
     NO_GLOBAL_SCORE = "no_global_score"  # the global reward is in use and no global score could be read
     GLOBAL_SCORE_ZERO = "global_score_zero"  # official semantics: g == 0 exactly (the authors drop these)
     NO_SAMPLE_SCORE = "no_sample_score"  # sample granularity and no usable score at all

@@ -22,8 +22,9 @@ Modes (``JudgeConfig.mode``), the same on both backends:
   ``p(first ∈ {-, 0, 1} | "Score: ")``, ``p({0, 1} | "Score: -")``, ``p(d | "Score: 0.")`` and
   ``p(d | "Score: -0.")``. Together they give the exact probability of each of the 21 tenths
   (:func:`tenths_distribution`) -- exact as long as ``-``, ``.`` and the digits are single tokens,
-  which holds for Qwen2/Qwen2.5 tokenizers and the byte-level tiny models. A weak or random judge
-  therefore always yields a valid score. On vLLM each probe is a ``max_tokens=1`` request with
+  which holds for Qwen2/Qwen2.5 tokenizers and the byte-level tiny models. A probe that gives no
+  distribution at all (no allowed token in the top logprobs and none chosen) where it matters
+  (:func:`probe_failed`) gives no score, outcome ``probe_failed``: never a uniform guess. On vLLM each probe is a ``max_tokens=1`` request with
   ``continue_final_message`` and a ``structured_outputs.choice`` constraint (vLLM then reports the
   log-probabilities renormalised over the allowed tokens); in-process they are read from the logits.
   Regions in logprob mode: one text-mode request of the hybrid prompt gives each region's
@@ -31,10 +32,14 @@ Modes (``JudgeConfig.mode``), the same on both backends:
   ``Region ID: k / Identified Object: <object> / Score: `` (the prompt's answer format). A
   global/sample score in logprob mode has no reason (nothing is generated).
 
-Every call records one request outcome (``ok`` / ``parse_failed`` / ``clamped`` / ``http_error`` /
-``timeout``), its latency and tokens; :meth:`BaseJudge.counters` exposes the totals. Transport
-failures after retries raise :class:`JudgeError` subclasses (after being counted); the scorer turns
-them into failed samples.
+Every call records one request outcome (:data:`OUTCOMES`: ``ok``; ``ambiguous``, an answer the parser
+could read only with a doubt its grammar names (another scale, conflicting scores, a clamp, a score
+only in unfinished thinking, ...: the best reading is kept and the scorer applies
+``judge.on_ambiguous``); ``parse_failed``; ``probe_failed``, a logprob probe that gave no
+distribution; and the transport failures ``http_error``, ``bad_response`` (a 200 whose body is no
+completion) and ``timeout``), its latency and tokens; :meth:`BaseJudge.counters` exposes the totals.
+Transport failures after retries raise :class:`JudgeError` subclasses (after being counted); the
+scorer turns them into failed samples.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 from PIL import Image
@@ -61,17 +66,19 @@ from rewards import prompts as Q
 
 log = logging.getLogger("srum.judge")
 
-Outcome = Literal["ok", "parse_failed", "clamped", "http_error", "timeout"]
+Outcome = Literal["ok", "ambiguous", "parse_failed", "probe_failed", "http_error", "bad_response", "timeout"]
 RequestKind = Literal["global", "sample", "regions", "grounding"]
-OUTCOMES: tuple[str, ...] = ("ok", "parse_failed", "clamped", "http_error", "timeout")
+OUTCOMES: tuple[str, ...] = get_args(Outcome)
+PROBE_BRANCH_MIN = 0.01  # a failed logprob probe matters when its branch of the score tree has this much mass
 TENTHS: tuple[int, ...] = tuple(Q.SCORE_TENTHS)
 DIGITS: tuple[str, ...] = tuple("0123456789")
-W_LOGPROB_FALLBACK = "logprob_fallback"  # no allowed token in a probe's top logprobs: uniform used
+W_LOGPROB_FALLBACK = "logprob_fallback"  # no allowed token in a probe's top logprobs: the chosen token used
+W_PROBE_FAILED = "probe_failed"  # a probe that matters gave no distribution at all: no score
 
 __all__ = [
-    "BaseJudge", "Completion", "JudgeError", "JudgeHTTPError", "JudgeModelNotFoundError", "JudgeRequestError",
+    "BaseJudge", "Completion", "JudgeBadResponseError", "JudgeError", "JudgeHTTPError", "JudgeModelNotFoundError", "JudgeRequestError",
     "JudgeResult", "JudgeTimeoutError", "RequestKind", "JudgeUnavailableError", "PreparedImage", "RegionsJudgeResult",
-    "expected_score", "positional_regions_schema", "prepare_image", "tenths_distribution",
+    "expected_score", "positional_regions_schema", "probe_failed", "prepare_image", "tenths_distribution",
 ]
 
 
@@ -86,6 +93,12 @@ class JudgeError(RuntimeError):
 
 class JudgeHTTPError(JudgeError):
     """Connection errors, 429 or 5xx that outlived the retries."""
+
+
+class JudgeBadResponseError(JudgeError):
+    """Answers that were not completions (a proxy's HTML page, broken JSON) that outlived the retries."""
+
+    kind = "bad_response"
 
 
 class JudgeTimeoutError(JudgeError):
@@ -116,7 +129,7 @@ class JudgeResult(BaseModel):
     score: float | None = Field(description="score in [-1, 1]; None when none could be read")
     reason: str = Field("", description="the judge's justification ('' in logprob mode for global scores)")
     label: str | None = Field(None, description="regions: the object the judge identified")
-    outcome: str = Field("ok", description="ok / parse_failed / clamped (of this score)")
+    outcome: str = Field("ok", description="ok / ambiguous / parse_failed / probe_failed (of this score)")
     warnings: tuple[str, ...] = Field((), description="parser / probe warning codes")
     probs: tuple[float, ...] | None = Field(None, description="logprob mode: P(score = t/10), t = -10..10")
     raw: str = Field("", description="raw answer text (the request's, for regions)")
@@ -130,7 +143,7 @@ class RegionsJudgeResult(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     regions: tuple[JudgeResult, ...] = Field(description="one result per box, in box order")
-    outcome: str = Field("ok", description="request outcome: ok / parse_failed / clamped")
+    outcome: str = Field("ok", description="request outcome: ok / ambiguous / parse_failed / probe_failed")
     warnings: tuple[str, ...] = Field((), description="answer-level warning codes")
     raw: str = Field("", description="raw answer text")
     latency_s: float = Field(0.0, description="wall time of the request(s)")
@@ -158,6 +171,7 @@ class Counters:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     regions_missing: int = 0
+    regions_ambiguous: int = 0
     logprob_fallbacks: int = 0
 
 
@@ -232,6 +246,22 @@ def tenths_distribution(first: dict[str, float], neg_int: dict[str, float], pos_
 def expected_score(probs: Sequence[float]) -> float:
     """Expectation of t/10 under ``probs`` over t = -10..10."""
     return float(sum(p * t / 10.0 for p, t in zip(probs, TENTHS, strict=True)))
+
+
+def probe_failed(first: dict[str, float], neg_int: dict[str, float], pos_tenth: dict[str, float],
+                 neg_tenth: dict[str, float]) -> bool:
+    """Whether the four probe distributions cannot give a score: the first is empty, or a later one is
+    empty while its branch (``-``, ``0.``, ``-0.``) has at least :data:`PROBE_BRANCH_MIN` of the mass."""
+    if not _mass(first):
+        return True
+    p_minus, p_zero, _ = _norm(first, ["-", "0", "1"])
+    n_zero = _norm(neg_int, ["0", "1"])[0] if _mass(neg_int) else 1.0
+    branches = ((neg_int, p_minus), (pos_tenth, p_zero), (neg_tenth, p_minus * n_zero))
+    return any(not _mass(d) and mass >= PROBE_BRANCH_MIN for d, mass in branches)
+
+
+def _mass(p: dict[str, float]) -> float:
+    return sum(max(0.0, v) for v in p.values() if math.isfinite(v))
 
 
 PROBE_TREE: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -312,6 +342,7 @@ class BaseJudge:
             self._record("regions", err.kind, time.perf_counter() - t0, 0, 0)
             raise
         results = [_from_parse(parsed.regions[k], label=True) for k in ids]
+        self._c.regions_missing += sum(r.score is None for r in results)  # what the answer itself lacked
         if self.mode == "logprob":
             text = Q.region_prompt(prompt, boxes)
             try:
@@ -320,14 +351,15 @@ class BaseJudge:
             except JudgeError as err:
                 self._record("regions", err.kind, time.perf_counter() - t0, *_tokens(usage))
                 raise
-            results = [r.model_copy(update={"score": s, "probs": tuple(pr), "outcome": "ok",
+            results = [r.model_copy(update={"score": s, "probs": None if s is None else tuple(pr),
+                                            "outcome": "probe_failed" if s is None else "ok",
                                             "warnings": tuple(w for w in r.warnings if w != P.W_NO_SCORE) + warn})
                        for r, (s, pr, warn, _) in zip(results, probed, strict=True)]
             usage += [u for *_, us in probed for u in us]
         latency = time.perf_counter() - t0
         pt, ct = _tokens(usage)
         outcome = _combine([r.outcome for r in results])
-        self._c.regions_missing += sum(r.score is None for r in results)
+        self._c.regions_ambiguous += sum(r.outcome == "ambiguous" for r in results)
         self._record("regions", outcome, latency, pt, ct)
         results = [r.model_copy(update={"raw": comp.text, "latency_s": latency}) for r in results]
         return RegionsJudgeResult(regions=tuple(results), outcome=outcome, warnings=parsed.warnings,
@@ -352,7 +384,8 @@ class BaseJudge:
                 "latency_s_sum": c.latency_s_sum, "latency_s_max": c.latency_s_max,
                 "latency_s_mean": c.latency_s_sum / c.requests if c.requests else 0.0,
                 "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                "regions_missing": c.regions_missing, "logprob_fallbacks": c.logprob_fallbacks,
+                "regions_missing": c.regions_missing, "regions_ambiguous": c.regions_ambiguous,
+                "logprob_fallbacks": c.logprob_fallbacks,
                 **self._transport_counters()}
 
     # internals -------------------------------------------------------------------------------
@@ -373,7 +406,8 @@ class BaseJudge:
         try:
             if self.mode == "logprob":
                 score, probs, warn, usage = await self._expected(img, builder(prompt), "Score: ")
-                res = JudgeResult(score=score, probs=tuple(probs), warnings=warn)
+                res = JudgeResult(score=score, probs=None if score is None else tuple(probs), warnings=warn,
+                                  outcome="probe_failed" if score is None else "ok")
             elif self.mode == "structured":
                 comp = await self._chat(img, builder(prompt, structured=True), self.cfg.max_tokens,
                                         Q.global_json_schema())
@@ -390,15 +424,23 @@ class BaseJudge:
         return res.model_copy(update={"latency_s": latency, "prompt_tokens": pt, "completion_tokens": ct})
 
     async def _expected(self, img: PreparedImage, text: str,
-                        prefix: str) -> tuple[float, list[float], tuple[str, ...], list[Completion]]:
-        """Run the four probes of :data:`PROBE_TREE` concurrently; return (E[score], probs, warnings, usage)."""
+                        prefix: str) -> tuple[float | None, list[float], tuple[str, ...], list[Completion]]:
+        """Run the four probes of :data:`PROBE_TREE` concurrently; return (E[score], probs, warnings, usage).
+
+        The score is None (:data:`W_PROBE_FAILED`) when a probe that matters gave no distribution at all:
+        the first one, or one whose branch carries at least :data:`PROBE_BRANCH_MIN` of the mass. A
+        uniform guess is never turned into a score."""
         outs = await asyncio.gather(*[self._next_probs(img, text, prefix + suffix, chars)
                                       for suffix, chars in PROBE_TREE])
         fallbacks = sum(fb for _, _, fb in outs)
         self._c.logprob_fallbacks += fallbacks
-        probs = tenths_distribution(*(p for p, _, _ in outs))
+        dists = [p for p, _, _ in outs]
+        usage = [u for _, u, _ in outs]
         warn = (W_LOGPROB_FALLBACK,) if fallbacks else ()
-        return expected_score(probs), probs, warn, [u for _, u, _ in outs]
+        if probe_failed(*dists):
+            return None, [], (*warn, W_PROBE_FAILED), usage
+        probs = tenths_distribution(*dists)
+        return expected_score(probs), probs, warn, usage
 
 
 def positional_regions_schema(schema: dict[str, Any], ids: Sequence[int]) -> dict[str, Any]:
@@ -428,16 +470,18 @@ def _region_prefix(k: int, label: str | None) -> str:
 
 
 def _from_parse(p: P.ScoreParse, raw: str = "", label: bool = False) -> JudgeResult:
-    outcome = "parse_failed" if p.score is None else ("clamped" if p.clamped else "ok")
+    """A parse as a result: ``parse_failed`` without a score, ``ambiguous`` (the parser's best reading
+    kept; the scorer applies ``judge.on_ambiguous``) or ``ok``."""
+    outcome = "parse_failed" if p.score is None else ("ambiguous" if p.ambiguous else "ok")
     return JudgeResult(score=p.score, reason=p.reason, label=p.identified_object if label else None,
                        outcome=outcome, warnings=p.warnings, raw=raw)
 
 
 def _combine(outcomes: Sequence[str]) -> str:
-    """Request outcome of a region list: parse_failed if no region scored, clamped if any clamped."""
-    if outcomes and all(o == "parse_failed" for o in outcomes):
-        return "parse_failed"
-    return "clamped" if "clamped" in outcomes else "ok"
+    """Request outcome of a region list: its failure when no region scored, ambiguous if any is, else ok."""
+    if outcomes and all(o in ("parse_failed", "probe_failed") for o in outcomes):
+        return outcomes[0]
+    return "ambiguous" if "ambiguous" in outcomes else "ok"
 
 
 def _tokens(usage: Sequence[Completion]) -> tuple[int, int]:

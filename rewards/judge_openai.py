@@ -45,6 +45,7 @@ from core.config import OpenAIJudgeConfig
 from rewards.judge import (
     BaseJudge,
     Completion,
+    JudgeBadResponseError,
     JudgeError,
     JudgeHTTPError,
     JudgeModelNotFoundError,
@@ -53,6 +54,8 @@ from rewards.judge import (
     JudgeUnavailableError,
     PreparedImage,
 )
+
+LOGPROB_SLACK = 1e-3  # float noise above 0 still counts as a log-probability of ~1
 
 log = logging.getLogger("srum.judge.openai")
 T = TypeVar("T")
@@ -234,6 +237,12 @@ class OpenAIJudge(BaseJudge):
                 last = JudgeTimeoutError(f"judge request to {ep.url} timed out after {self.cfg.timeout_s} s "
                                          f"({attempt + 1} attempt(s))")
                 last.__cause__ = err
+            except _NotACompletion as err:  # a proxy's page or a broken body: retried like a 5xx
+                self._count(ep, "bad_response")
+                ep.failed()
+                last = JudgeBadResponseError(f"judge endpoint {ep.url} answered 200 with {err} "
+                                             f"({attempt + 1} attempt(s))")
+                last.__cause__ = err
             except openai.APIConnectionError as err:
                 self._count(ep, "connection")
                 ep.failed()
@@ -303,9 +312,10 @@ class OpenAIJudge(BaseJudge):
         if content:
             chosen = (content[0].token or "").strip()
             for tl in content[0].top_logprobs or []:
-                tok = (tl.token or "").strip()
-                if tok in chars and math.isfinite(tl.logprob) and tl.logprob > -1000:
-                    probs[tok] = probs.get(tok, 0.0) + math.exp(tl.logprob)
+                tok, lp = (tl.token or "").strip(), tl.logprob
+                # a log-probability is <= 0; a positive (or non-finite, or absurd) one is not used
+                if tok in chars and isinstance(lp, int | float) and -1000 < lp <= LOGPROB_SLACK:
+                    probs[tok] = probs.get(tok, 0.0) + math.exp(min(lp, 0.0))
         fallback = not probs
         if fallback and chosen in chars:
             probs = {chosen: 1.0}
@@ -327,14 +337,26 @@ async def _bounded(aw: Awaitable[T], timeout_s: float) -> T:
         return await aw
 
 
+class _NotACompletion(Exception):
+    """A 200 response whose body is no chat completion."""
+
+
 async def _post_chat(client: openai.AsyncOpenAI, body: dict[str, Any]) -> ChatCompletion:
     """POST /chat/completions through the client's low-level ``post`` with a ready JSON body.
 
     Same request, response model, errors and timeouts as ``client.chat.completions.create``, minus
     its per-call recursive transform of the typed parameters (~1.8 ms per request here, which
     showed up as lost throughput in bench/judge_client.py), and with vLLM's extra fields inline.
+    A body that is not a completion (HTML, broken or other JSON: the client returns it as a string
+    or an empty model) raises :class:`_NotACompletion`.
     """
-    return await client.post("/chat/completions", body=body, cast_to=ChatCompletion)
+    try:
+        resp = await client.post("/chat/completions", body=body, cast_to=ChatCompletion)
+    except (ValueError, openai.APIResponseValidationError) as err:  # JSONDecodeError is a ValueError
+        raise _NotACompletion(f"a body that is not JSON ({type(err).__name__}: {str(err)[:80]})") from err
+    if not isinstance(resp, ChatCompletion) or not resp.choices or resp.choices[0].message is None:
+        raise _NotACompletion(f"a body that is not a chat completion: {str(resp)[:120]!r}")
+    return resp
 
 
 def _completion(resp: Any, text: bool = True) -> Completion:

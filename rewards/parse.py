@@ -1,97 +1,177 @@
 """Parse judge answers into typed scores. No function here raises, whatever the input.
 
-Text answers follow the format the prompts in :mod:`rewards.prompts` ask for (``Score:`` /
-``Reason:`` lines, per region under ``Region ID: k`` with ``Identified Object:``), but real VLM
-output is messier, so the parser also accepts:
+The judge is asked (:mod:`rewards.prompts`) for ``Score:`` / ``Reason:`` lines (per region under
+``Region ID: k`` with ``Identified Object:``) on the scale [-1, 1], or in JSON mode for
+``{"score": tenths, ...}``. Real answers are messier; this is what counts as the score.
 
-* ``<think>...</think>`` blocks (dropped); a stray ``</think>`` (everything before it is dropped,
-  as when the chat template opened the block); an unclosed ``<think>`` (the tag is removed and the
-  text is parsed anyway, flagged :data:`W_UNCLOSED_THINK`).
-* markdown: ``**Score:** 0.8``, ``*Score*: 0.8``, ``__Score__``, ``### Region ID: 2``, bullets,
-  numbered lists, a number on the line after its label, ``Score: [0.8]``.
-* unicode minus / en dash before a digit, leading ``+``, integers, ``.5``, ``-0.``, NFKC forms
-  (full-width digits and colons).
+**Preparation** (once per answer). A non-str is no answer (:data:`W_NOT_TEXT`); only the last
+``MAX_INPUT_CHARS`` are read (:data:`W_TRUNCATED`). Line breaks are unified, terminal escape
+sequences and invisible format characters (BOM, zero-width space and joiners, soft hyphen, bidi
+marks) are removed, other control characters become spaces; then NFKC (full-width digits and
+colons) and unicode minus / hyphen / en dash before a digit become ``-``.
 
-Decisions (tests pin each of them):
+**Think blocks.** ``<think>..</think>`` (or ``<thinking>``) is dropped; a stray ``</think>`` drops
+everything before it (the chat template opened the block). The text after an unclosed ``<think>``
+is thinking too (:data:`W_UNCLOSED_THINK`): a score comes from it only when the answer outside has
+none, and is then ambiguous (:data:`W_TRUNCATED_THINK`). JSON is decoded with the tags still in, so
+tags inside JSON strings stay; a JSON value counts when it starts outside think blocks (or spans
+the stray ``</think>``, which then sits in one of its strings).
 
-* **Reason** (and Identified Object) run to the next field, a blank line or a ``---`` line.
-* **Several scores.** Labels rank ``Final/Overall/Total Score`` > ``Score`` (also ``Global Layout
-  Score``, ...) > sub-scores such as ``Quality Score``; within the best rank the *last* one wins
-  (the model's latest word, after self-corrections). More than one numeric score adds
-  :data:`W_MULTIPLE_SCORES`. The reason is the first ``Reason:`` after the chosen score (else the
-  last one before it).
-* **Range.** Text scores are read on the [-1, 1] scale; anything outside is clamped
-  (``clamped=True``, :data:`W_CLAMPED`). No scale is guessed in text mode: ``Score: 7`` is 1.0.
-* **Fractions.** ``a/b`` and ``a out of b`` mean a÷b (``7/10`` -> 0.7, ``0.8/1.0`` -> 0.8),
-  flagged :data:`W_FRACTION`; a zero denominator gives no score.
-* **Percentages** (``80%``) give no score (:data:`W_PERCENT`): it is unclear where 0 % sits on a
-  signed scale.
-* ``nan``/``inf`` words give no score (:data:`W_NONFINITE`); a numeric literal too large for a
-  float (``1e999``) is a finite number out of range and is clamped.
-* **JSON.** Integers are tenths, as the schema says (``7`` -> 0.7, ``1`` -> 0.1, ``-10`` -> -1.0,
-  larger magnitudes are clamped); floats are already on the [-1, 1] scale (``0.7``); strings use
-  the text rules. Code fences and prose around the object are tolerated. When no usable JSON is
-  found the answer is flagged :data:`W_BAD_JSON` and parsed with the text parser instead.
-* **Regions.** Every expected id gets an entry (score None + :data:`W_MISSING_REGION` when absent).
-  For an id with several blocks the first block *with a score* wins (a restated header without a
-  score is no duplicate); :data:`W_DUPLICATE_REGION` when two blocks carry scores. Unknown ids are
-  ignored (:data:`W_UNKNOWN_REGION`). With one expected id and no header at all, the whole answer
-  is read as that region (:data:`W_NO_REGION_HEADER`).
+**Fields.** A label at the start of a line, after markup (``>``, ``#``, bullets, emphasis, ``|``,
+``[``, ``1.``), then an optional short parenthetical, closing emphasis and ``:`` or ``=``. Score
+labels: ``Score`` with up to three qualifiers (``Final``, ``Overall``, ``Layout``, ``Quality``,
+``My``, ...); reason: ``Reason(ing)``, ``Justification``, ``Explanation``, ``Rationale``; object:
+``Identified Object``, ``Object``. A capitalised label mid-line (``Score: 0.9 Reason: ...``) is a
+field only after a score or object field of the same line, so labels inside a reason are prose.
+Quoted lines (``> Score: 1``) are fields only when the block's first field is quoted. A value runs
+to the next field; a reason (and an object) also ends at a blank or ``---`` line.
 
-Not handled (no score, never a guess): markdown tables, scores only in prose ("a score of 0.8").
+**Which score.** A number followed on its line by a word ("Score: 0.9 would be too high"; but
+not a field label or ``because``, ``since``, ``points``, ...) is prose: it counts only when no score
+field holds a clean number, and is then ambiguous (:data:`W_PROSE_SCORE`); otherwise it is text of
+the field it sits in. Labels rank final/overall/total > plain (layout, global, ...) >
+sub-scores (relevance, quality, composition, visual, aesthetic, alignment); the last field of the
+best rank is the reading. Different values among the fields above sub-score rank (or among the
+sub-scores, when there is nothing else) are ambiguous (:data:`W_AMBIGUOUS_SCORES`): a self-correction
+or a ``Final Score`` that disagrees with ``Score``. Several numeric fields add
+:data:`W_MULTIPLE_SCORES`. The reason is the first ``Reason`` after the chosen score, else the last
+one before it.
 
-Invariants: ``score is None`` iff :data:`W_NO_SCORE` is in ``warnings``; ``clamped`` iff
-:data:`W_CLAMPED` is; scores are finite and in [-1, 1]; warnings are distinct codes in order of
-first occurrence. The top-level ``RegionsParse.warnings`` is the union over all regions plus the
-answer-level codes.
+**Numbers** (after opening markup, on the label's line or the next, also as a list item):
+``-0.5``, ``+.5``, ``0.``, ``1e3``; ``0,8`` is 0.8 (:data:`W_DECIMAL_COMMA`), ``1,000`` too but
+ambiguous (thousands?). A minus apart from its digits (``Score: - 0.5``) is a minus, a ``- `` list
+bullet before the number on the next line (``Score:\\n- 0.5``) a bullet (+0.5): both ambiguous
+(:data:`W_AMBIGUOUS_NUMBER`). A letter, ``_digit`` or ``.digit`` glued to the number (``0x10``,
+``1_000``, ``1.2.3``) is no number (:data:`W_BAD_NUMBER`); a second number right after it (``0. 5``)
+is ambiguous. ``80%`` is no score (:data:`W_PERCENT`), nor are ``nan``, ``inf``, ``a/0``
+(:data:`W_NONFINITE`). Huge literals are +-inf, never ints, so nothing overflows.
+
+**Scales.** Text prompts ask for ``UNIT`` ([-1, 1]), JSON prompts for ``TENTHS`` (integers
+-10..10). The rules below hold for a value in any form (text line, JSON number, JSON string) and
+of any JSON type; only the prompt's scale matters.
+
+* bare ``x``, UNIT: ``|x| <= 1`` -> x; else x/10 (the tenths reading), :data:`W_OTHER_SCALE`.
+* bare ``x``, TENTHS: non-integer ``|x| < 1`` -> x (tenths are integers); else x/10, and ``1.0`` /
+  ``-1.0`` written with a point -> +-0.1 with :data:`W_OTHER_SCALE` (it may mean 1.0).
+* a scale in the answer: ``a/b``, ``a out of b`` (:data:`W_FRACTION`), a label ``Score (0-10):``,
+  a trailing ``(0-10)`` or ``on a scale of 0 to 10``. Top 1 or range -1..1 -> a; range -10..10 ->
+  a/10; ``a/b`` with b != 1 -> a/b with :data:`W_OTHER_SCALE`; another range lo..hi -> linear onto
+  [-1, 1] with :data:`W_OTHER_SCALE`. A vulgar fraction (``½``) is a number (0.5).
+* a reading outside [-1, 1] is clamped (:data:`W_CLAMPED`), never used as a confident maximum.
+
+**Forms.** Text parsers read fields; when no field gives a score they read a JSON answer
+(:data:`W_JSON_ANSWER`). JSON parsers read the first JSON value of the wanted shape (code fences
+first), else the text grammar (:data:`W_BAD_JSON`). Score: an object with a ``score`` key (any
+case; a key repeated with different values is :data:`W_AMBIGUOUS_SCORES`). Regions:
+``{"regions": [...]}`` or a list holding an object with ``id`` or ``score``, so a stray ``[1, 2]``
+is no answer. Grounding: ``{"objects": [...]}`` or a list holding an object, else ``[]``.
+
+**Regions.** A header is ``Region ID: k`` / ``Region k`` / ``Region #k`` (any case) at a line
+start, ended by a line end, ``:``, a dash, ``|``, ``#``, a parenthetical, a final ``.``, a box or a
+field ("region 2 of the field", "Region 2, which" are prose); mid-line only ``Region ID: k``
+before a field. Ids longer than ``MAX_ID_DIGITS`` are no ids. Every expected id gets an entry
+(:data:`W_MISSING_REGION` when absent); for an id with several blocks the first block with a score
+wins (a restated header is no duplicate), :data:`W_DUPLICATE_REGION` when two carry scores, plus
+:data:`W_AMBIGUOUS_SCORES` when they differ; other ids are ignored (:data:`W_UNKNOWN_REGION`).
+Without headers: a JSON answer, else with one expected id the whole answer is that region
+(:data:`W_NO_REGION_HEADER`).
+
+Not read (no score, never a guess): markdown tables, unlabelled prose ("a score of 0.8").
+
+**Invariants** (tests check): ``score is None`` iff :data:`W_NO_SCORE` is in ``warnings``;
+``clamped`` iff :data:`W_CLAMPED` is; ``ambiguous`` iff a code of :data:`AMBIGUITY_CODES` is, and
+then the score is not None (it is the best reading); scores are finite and in [-1, 1]; warnings are
+distinct, in order of first occurrence; :data:`W_INTERNAL_ERROR` never appears. ``RegionsParse``:
+keys are the expected ids as ints, in order, duplicates and unusable ids dropped
+(:data:`W_BAD_ARGUMENT`); ``warnings`` are the answer-level codes plus the union of the regions';
+``ambiguous`` iff some region is.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
-import unicodedata
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-W_NOT_TEXT = "not_text"  # input was not a str
-W_EMPTY = "empty"  # nothing left after stripping think blocks / whitespace
-W_TRUNCATED = "truncated"  # input longer than MAX_INPUT_CHARS; only the tail was parsed
-W_UNCLOSED_THINK = "unclosed_think"  # a <think> without </think>
-W_NO_SCORE = "no_score"  # no usable score
-W_NONFINITE = "nonfinite"  # nan / inf / x/0
-W_PERCENT = "percent"  # a percentage where a score was expected
-W_FRACTION = "fraction"  # score given as a/b or "a out of b"
-W_CLAMPED = "clamped"  # score outside [-1, 1], clamped
-W_MULTIPLE_SCORES = "multiple_scores"  # several numeric scores; see module docstring
-W_NO_REASON = "no_reason"  # no Reason field
-W_MISSING_REGION = "missing_region"
-W_DUPLICATE_REGION = "duplicate_region"
-W_UNKNOWN_REGION = "unknown_region"
-W_NO_REGION_HEADER = "no_region_header"
-W_BAD_JSON = "bad_json"  # no usable JSON; the text parser was used instead
-W_BAD_SCORE_TYPE = "bad_score_type"  # JSON score of a type that is no number (bool, list, ...)
-W_BAD_BOX = "bad_box"  # grounding: a box that is not 4 finite numbers or is empty
-W_INTERNAL_ERROR = "internal_error"  # a bug in this module; never expected (tests check)
+from rewards.parse_codes import (
+    AMBIGUITY_CODES,
+    MAX_ID_DIGITS,
+    MAX_INPUT_CHARS,
+    MAX_OBJECT_CHARS,
+    MAX_REASON_CHARS,
+    TENTHS,
+    UNIT,
+    W_AMBIGUOUS_NUMBER,
+    W_AMBIGUOUS_SCORES,
+    W_BAD_ARGUMENT,
+    W_BAD_BOX,
+    W_BAD_JSON,
+    W_BAD_NUMBER,
+    W_BAD_SCORE_TYPE,
+    W_CLAMPED,
+    W_DECIMAL_COMMA,
+    W_DUPLICATE_REGION,
+    W_EMPTY,
+    W_FRACTION,
+    W_INTERNAL_ERROR,
+    W_JSON_ANSWER,
+    W_MISSING_REGION,
+    W_MULTIPLE_SCORES,
+    W_NO_REASON,
+    W_NO_REGION_HEADER,
+    W_NO_SCORE,
+    W_NONFINITE,
+    W_NOT_TEXT,
+    W_OTHER_SCALE,
+    W_PERCENT,
+    W_PROSE_SCORE,
+    W_TRUNCATED,
+    W_TRUNCATED_THINK,
+    W_UNCLOSED_THINK,
+    W_UNKNOWN_REGION,
+)
+from rewards.parse_json import (
+    BOX_KEYS,
+    Found,
+    JsonObject,
+    dumps,
+    find_json,
+    json_score,
+    lower_keys,
+    region_id,
+    region_items,
+    want_boxes,
+    want_empty,
+    want_regions,
+    want_score,
+)
+from rewards.parse_text import Block, Prepared, clean, prepare, read_block, region_blocks
 
-MAX_INPUT_CHARS = 100_000
-MAX_REASON_CHARS = 2_000
-MAX_OBJECT_CHARS = 200
-_MAX_JSON_ATTEMPTS = 64
+__all__ = [
+    "AMBIGUITY_CODES", "MAX_ID_DIGITS", "MAX_INPUT_CHARS", "MAX_OBJECT_CHARS", "MAX_REASON_CHARS", "TENTHS",
+    "UNIT", "W_AMBIGUOUS_NUMBER", "W_AMBIGUOUS_SCORES", "W_BAD_ARGUMENT", "W_BAD_BOX", "W_BAD_JSON",
+    "W_BAD_NUMBER", "W_BAD_SCORE_TYPE", "W_CLAMPED", "W_DECIMAL_COMMA", "W_DUPLICATE_REGION", "W_EMPTY",
+    "W_FRACTION", "W_INTERNAL_ERROR", "W_JSON_ANSWER", "W_MISSING_REGION", "W_MULTIPLE_SCORES",
+    "W_NONFINITE", "W_NOT_TEXT", "W_NO_REASON", "W_NO_REGION_HEADER", "W_NO_SCORE", "W_OTHER_SCALE",
+    "W_PERCENT", "W_PROSE_SCORE", "W_TRUNCATED", "W_TRUNCATED_THINK", "W_UNCLOSED_THINK",
+    "W_UNKNOWN_REGION", "GroundedBox", "GroundingParse", "RegionsParse", "ScoreParse",
+    "parse_grounding_json", "parse_regions_json", "parse_regions_text", "parse_score_json",
+    "parse_score_text",
+]
 
 
 class ScoreParse(BaseModel):
     """One parsed score (global, sample-level, or one region)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    score: float | None = Field(description="score in [-1, 1], or None when none could be read")
+    score: float | None = Field(description="score in [-1, 1] (the best reading), or None when none was read")
     reason: str = Field("", description="the judge's justification ('' when absent)")
     identified_object: str | None = Field(None, description="region answers: the object the judge named")
     warnings: tuple[str, ...] = Field((), description="warning codes (W_* constants), distinct")
-    clamped: bool = Field(False, description="the raw score was outside [-1, 1] and was clamped")
+    clamped: bool = Field(False, description="the reading was outside [-1, 1] and was clamped")
+    ambiguous: bool = Field(False, description="the score is only a best reading (AMBIGUITY_CODES say why)")
 
 
 class RegionsParse(BaseModel):
@@ -100,6 +180,7 @@ class RegionsParse(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     regions: dict[int, ScoreParse] = Field(description="expected region id -> its parse")
     warnings: tuple[str, ...] = Field((), description="answer-level codes plus the union of the regions'")
+    ambiguous: bool = Field(False, description="some region's score is ambiguous")
 
 
 class GroundedBox(BaseModel):
@@ -118,283 +199,79 @@ class GroundingParse(BaseModel):
     warnings: tuple[str, ...] = Field((), description="warning codes (W_* constants), distinct")
 
 
-# ----- Regular expressions -----
-
-_THINK_OPEN = re.compile(r"<think(?:ing)?>", re.I)
-_THINK_CLOSE = re.compile(r"</think(?:ing)?>", re.I)
-_MINUS_LIKE = re.compile(r"[\u2212\u2010\u2011\u2012\u2013\ufe63](?=[ \t]?\.?\d)")  # not the em dash
-
-# Line-start markup: quotes, headings, bullets, emphasis, table pipes, then an optional "1." item.
-_LINE_PREFIX = r"^[ \t>#*_\-+•·|\[]*(?:\d{1,2}[.)][ \t]+[*_]{0,3})?"
-_SCORE_QUALIFIERS = (
-    "final|overall|total|global|layout|composition|relevance|quality|region|sample|image|visual|"
-    "aesthetic|alignment|my|the|your|assigned"
-)
-_FIELD_NAMES = (
-    rf"(?P<score>(?:(?:{_SCORE_QUALIFIERS})[ \t]+){{0,3}}scores?)"
-    r"|(?P<reason>reason(?:ing)?|justification|explanation|rationale)"
-    r"|(?P<object>identified[ \t]+object|object(?:[ \t]+identified)?)"
-)
-# Label, closing emphasis, optional short parenthetical ("Score (-1 to 1):"), then ':' or '='.
-# Every whitespace run is followed by a required token, so failing matches cannot backtrack badly.
-_FIELD_SEP = r"[*_`]{0,3}[ \t]*(?:\([^)\n]{0,40}\)[ \t]*)?(?:[*_`]{1,3}[ \t]*)?[:=]"
-_FIELD_AT_LINE = re.compile(_LINE_PREFIX + rf"(?i:{_FIELD_NAMES})" + _FIELD_SEP, re.M)
-# Mid-line labels must be capitalised, so that prose ("a high score: 0.9") is not a field.
-_FIELD_MID_LINE = re.compile(
-    r"(?<=[ \t])[*_]{0,3}(?:(?P<score>(?:Final |Overall )?Score)|(?P<reason>Reason)"
-    r"|(?P<object>Identified Object))" + _FIELD_SEP
-)
-_REGION_AT_LINE = re.compile(
-    _LINE_PREFIX + r"(?i:region(?:[ \t]+id)?)[ \t]*(?:[*_]{1,3}[ \t]*)?(?:[:#=][ \t]*)?(?:[*_]{1,3}[ \t]*)?"
-    r"(?P<id>\d{1,6})(?![\d.,]\d)",
-    re.M,
-)
-_REGION_MID_LINE = re.compile(r"(?<=[ \t])[*_]{0,3}Region ID[ \t]*(?:[:#][ \t]*)?(?P<id>\d{1,6})(?![\d.,]\d)")
-
-_NUMBER = re.compile(
-    r"[ \t*_`\"'\[(<]*(?:\n[ \t]*(?:[-*•+][ \t]+)?[*_`\"'\[(<]*)?"  # same line, or the next line
-    r"(?:(?P<nonfinite>[+-]?(?:nan|inf(?:inity)?)\b)"
-    r"|(?P<num>[+-]?[ \t]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)"
-    r"(?:[ \t]*(?:/|out[ \t]+of)[ \t]*(?P<den>\d+(?:\.\d*)?|\.\d+))?"
-    r"(?P<pct>[ \t]*%)?)",
-    re.I,
-)
-_SEPARATOR_LINE = re.compile(r"^[\s\-=*_~#]*$")
-_FENCE = re.compile(r"```[ \t]*(?:json)?[ \t]*\n?(.*?)```", re.I | re.S)
-_JSON_START = re.compile(r"[\[{]")
-
-
-# ----- Helpers -----
+# ----- results -----
 
 
 def _uniq(codes: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(codes))
 
 
-def _no_score(*codes: str) -> ScoreParse:
-    return ScoreParse(score=None, warnings=_uniq((*codes, W_NO_SCORE)))
-
-
-def _clamp(x: float) -> tuple[float, bool]:
-    if x > 1.0:
-        return 1.0, True
-    if x < -1.0:
-        return -1.0, True
-    return x + 0.0, False  # + 0.0 turns -0.0 into 0.0
-
-
-def _strip_think(text: str) -> tuple[str, bool]:
-    """Drop ``<think>..</think>`` blocks; returns (text, whether a block was left unclosed).
-
-    A stray ``</think>`` (the chat template opened the block) drops everything before it. An
-    unclosed ``<think>`` only loses its tag: the model may have put its answer inside. Linear time.
-    """
-    parts: list[str] = []
-    pos, unclosed = 0, False
-    while (m := _THINK_OPEN.search(text, pos)) is not None:
-        close = _THINK_CLOSE.search(text, m.end())
-        parts.append(text[pos : m.start()])
-        if close is None:
-            parts.append("\n" + text[m.end() :])
-            pos, unclosed = len(text), True
-            break
-        parts.append("\n")
-        pos = close.end()
-    parts.append(text[pos:])
-    text = "".join(parts)
-    last_close = max((m.end() for m in _THINK_CLOSE.finditer(text)), default=0)
-    text = text[last_close:]
-    return text, unclosed
-
-
-def _prepare(text: Any) -> tuple[str | None, list[str]]:
-    """Coerce, truncate, normalise, strip think blocks. Returns (text or None, warnings)."""
-    if not isinstance(text, str):
-        return None, [W_NOT_TEXT]
-    warnings: list[str] = []
-    if len(text) > MAX_INPUT_CHARS:
-        text, warnings = text[-MAX_INPUT_CHARS:], [W_TRUNCATED]
-    text = unicodedata.normalize("NFKC", text)
-    text = _MINUS_LIKE.sub("-", text)
-    text, unclosed = _strip_think(text)
-    if unclosed:
-        warnings.append(W_UNCLOSED_THINK)
-    if not text.strip():
-        warnings.append(W_EMPTY)
-        return None, warnings
-    return text, warnings
-
-
-def _clean(value: str, max_chars: int, paragraph: bool = True) -> str:
-    """Strip emphasis and separator lines; keep the line breaks of a multi-line value.
-
-    With ``paragraph`` (text answers) the value ends at the first blank or ``---`` line after its
-    first words, so chatter after the answer ("Let me know if ...") is not part of the reason.
-    """
-    lines: list[str] = []
-    for raw in value.splitlines():
-        line = raw.strip()
-        if not line or _SEPARATOR_LINE.match(line):
-            if lines and paragraph:
-                break
-            continue
-        lines.append(line)
-    return "\n".join(lines).strip().strip("*_`").strip()[:max_chars]
-
-
-def _number(value: str) -> tuple[float | None, list[str], bool]:
-    """Read a score from the start of ``value`` (text rules). Returns (score, warnings, clamped)."""
-    m = _NUMBER.match(value)
-    if m is None:
-        return None, [], False
-    if m.group("nonfinite"):
-        return None, [W_NONFINITE], False
-    if m.group("pct"):
-        return None, [W_PERCENT], False
-    x = float(m.group("num").replace(" ", "").replace("\t", ""))
-    warnings: list[str] = []
-    if m.group("den") is not None:
-        warnings.append(W_FRACTION)
-        den = float(m.group("den"))
-        if den == 0.0:
-            return None, [*warnings, W_NONFINITE], False
-        x = x / den
-    if math.isnan(x):
-        return None, [*warnings, W_NONFINITE], False
-    x, clamped = _clamp(x)
-    if clamped:
-        warnings.append(W_CLAMPED)
-    return x, warnings, clamped
-
-
-def _matches(text: str, *patterns: re.Pattern[str]) -> list[re.Match[str]]:
-    """Matches of all patterns in text order; a match overlapping an earlier one is dropped."""
-    kept: list[re.Match[str]] = []
-    for m in sorted((m for p in patterns for m in p.finditer(text)), key=lambda m: m.start()):
-        if not kept or m.start() >= kept[-1].end():
-            kept.append(m)
-    return kept
-
-
-def _fields(text: str) -> list[tuple[str, str, int]]:
-    """All fields as (kind, raw label, value): kind in score/reason/object, value up to next field."""
-    kept = _matches(text, _FIELD_AT_LINE, _FIELD_MID_LINE)
-    out = []
-    for i, m in enumerate(kept):
-        end = kept[i + 1].start() if i + 1 < len(kept) else len(text)
-        kind = "score" if m.group("score") else "reason" if m.group("reason") else "object"
-        out.append((kind, m.group(kind), text[m.end() : end]))
-    return out
-
-
-def _rank(label: str) -> int:
-    """Priority of a score label: final/overall/total 2, plain 1, sub-score (quality, ...) 0."""
-    words = label.lower().split()[:-1]
-    if any(w in ("final", "overall", "total") for w in words):
-        return 2
-    if any(w in ("relevance", "quality", "composition", "visual", "aesthetic", "alignment") for w in words):
-        return 0
-    return 1
-
-
-def _parse_block(text: str) -> ScoreParse:
-    """Parse one answer (global/sample) or one region block from its fields."""
-    fields = _fields(text)
-    numeric: list[tuple[int, int, float, list[str], bool]] = []  # (rank, index, score, warns, clamp)
-    last_failed: list[str] = []
-    for i, (kind, label, value) in enumerate(fields):
-        if kind != "score":
-            continue
-        score, warns, clamped = _number(value)
-        if score is None:
-            last_failed = warns
-        else:
-            numeric.append((_rank(label), i, score, warns, clamped))
-    reasons = [(i, v) for i, (k, _, v) in enumerate(fields) if k == "reason"]
-    objects = [v for k, _, v in fields if k == "object"]
-    obj = _clean(objects[0], MAX_OBJECT_CHARS).split("\n")[0] if objects else None
-
-    warnings: list[str] = []
-    if numeric:
-        _, chosen, score, warns, clamped = max(numeric, key=lambda c: (c[0], c[1]))
-        warnings += warns
-        if len(numeric) > 1:
-            warnings.append(W_MULTIPLE_SCORES)
-        after = [v for i, v in reasons if i > chosen]
-        before = [v for i, v in reasons if i < chosen]
-        reason_raw = after[0] if after else before[-1] if before else ""
-    else:
-        score, clamped = None, False
-        warnings += [*last_failed, W_NO_SCORE]
-        reason_raw = reasons[-1][1] if reasons else ""
-    reason = _clean(reason_raw, MAX_REASON_CHARS)
-    if not reason:
-        warnings.append(W_NO_REASON)
+def _make(score: float | None, codes: Iterable[str], reason: str = "", obj: str | None = None) -> ScoreParse:
+    """The one constructor of parses: derives ``clamped`` / ``ambiguous`` and keeps the invariants."""
+    if score is None:
+        codes = [*(c for c in codes if c not in AMBIGUITY_CODES), W_NO_SCORE]
+    warnings = _uniq(codes)
     return ScoreParse(
-        score=score, reason=reason, identified_object=obj or None, warnings=_uniq(warnings), clamped=clamped
+        score=score, reason=reason, identified_object=obj or None, warnings=warnings,
+        clamped=W_CLAMPED in warnings, ambiguous=not AMBIGUITY_CODES.isdisjoint(warnings),
     )
 
 
-def _with(parse: ScoreParse, *codes: str) -> ScoreParse:
-    """``parse`` with answer-level codes prepended."""
-    return parse.model_copy(update={"warnings": _uniq((*codes, *parse.warnings))})
+def _no_score(*codes: str) -> ScoreParse:
+    return _make(None, codes)
 
 
-def _expected(ids: Sequence[int]) -> list[int]:
-    out: list[int] = []
-    for i in ids:
-        try:
-            out.append(int(i))
-        except (TypeError, ValueError, OverflowError):
-            continue
-    return list(dict.fromkeys(out))
+def _with(p: ScoreParse, *codes: str) -> ScoreParse:
+    """``p`` with codes prepended."""
+    return _make(p.score, (*codes, *p.warnings), p.reason, p.identified_object)
 
 
-def _assemble(expected: list[int], blocks: list[tuple[int, ScoreParse]], pre: list[str]) -> RegionsParse:
-    """Apply the missing / duplicate / unknown rules to (id, parse) blocks in answer order."""
-    top = list(pre)
-    chosen: dict[int, ScoreParse] = {}
-    scored_count: dict[int, int] = {}
-    for rid, parse in blocks:
-        if rid not in expected:
-            top.append(W_UNKNOWN_REGION)
-            continue
-        has_score = parse.score is not None
-        scored_count[rid] = scored_count.get(rid, 0) + int(has_score)
-        if rid not in chosen or (chosen[rid].score is None and has_score):
-            chosen[rid] = parse
-    regions: dict[int, ScoreParse] = {}
-    for rid in expected:
-        if rid not in chosen:
-            regions[rid] = _no_score(W_MISSING_REGION)
-        elif scored_count.get(rid, 0) > 1:
-            regions[rid] = _with(chosen[rid], W_DUPLICATE_REGION)
-        else:
-            regions[rid] = chosen[rid]
-    for parse in regions.values():
-        top.extend(parse.warnings)
-    return RegionsParse(regions=regions, warnings=_uniq(top))
+def _from_block(b: Block) -> ScoreParse:
+    return _make(b.score, b.codes, b.reason, b.obj)
 
 
-def _regions_failed(expected_ids: Any) -> RegionsParse:
-    """Result for an internal error: every id (if the ids are usable) without a score."""
-    try:
-        ids = _expected(expected_ids)
-    except Exception:
-        ids = []
-    return RegionsParse(
-        regions={i: _no_score(W_INTERNAL_ERROR) for i in ids}, warnings=(W_INTERNAL_ERROR, W_NO_SCORE)
-    )
+def _json_entry(d: dict[Any, Any], scale: str) -> ScoreParse:
+    """One JSON answer object (global, or one region) by the number grammar."""
+    conflicts = d.conflicts if isinstance(d, JsonObject) else frozenset()
+    d = lower_keys(d)
+    r = json_score(d.get("score"), scale)
+    codes = [*r.codes, *([W_PROSE_SCORE] if r.prose else [])]
+    if "score" in conflicts:
+        codes.append(W_AMBIGUOUS_SCORES)
+    reason = d.get("reason", "")
+    reason = clean(reason if isinstance(reason, str) else dumps(reason), MAX_REASON_CHARS, False)
+    obj = d.get("object", d.get("identified_object"))
+    obj = clean(obj, MAX_OBJECT_CHARS, False) if isinstance(obj, str) else None
+    if not reason:
+        codes.append(W_NO_REASON)
+    return _make(r.score, codes, reason, obj)
 
 
-# ----- Text parsers -----
+# ----- text -----
+
+
+def _read_text(prep: Prepared, scale: str) -> ScoreParse:
+    """The score of the answer outside thinking, else (ambiguous) of an unclosed think block."""
+    out = _from_block(read_block(prep.answer, scale)) if prep.answer.strip() else None
+    if out is not None and out.score is not None:
+        return out
+    if prep.inside is not None and prep.inside.strip():
+        inside = _from_block(read_block(prep.inside, scale))
+        if inside.score is not None or out is None:
+            return _with(inside, W_TRUNCATED_THINK)
+    return out if out is not None else _no_score()
 
 
 def _score_text(text: Any) -> ScoreParse:
-    body, pre = _prepare(text)
-    if body is None:
+    prep, pre = prepare(text)
+    if prep is None:
         return _no_score(*pre)
-    return _with(_parse_block(body), *pre)
+    parsed = _read_text(prep, UNIT)
+    if parsed.score is None and (found := find_json(prep, want_score)) is not None:
+        entry = _json_entry(found.value, UNIT)
+        if entry.score is not None:
+            return _with(entry, *found.codes, W_JSON_ANSWER, *([W_TRUNCATED_THINK] if found.inside else []))
+    return _with(parsed, *pre)
 
 
 def parse_score_text(text: Any) -> ScoreParse:
@@ -405,23 +282,76 @@ def parse_score_text(text: Any) -> ScoreParse:
         return _no_score(W_INTERNAL_ERROR)
 
 
-def _regions_text(text: Any, expected_ids: Sequence[int]) -> RegionsParse:
-    expected = _expected(expected_ids)
-    body, pre = _prepare(text)
-    if body is None:
-        return _assemble(expected, [], pre)
-    kept = _matches(body, _REGION_AT_LINE, _REGION_MID_LINE)
-    if not kept:
-        pre.append(W_NO_REGION_HEADER)
+def _expected(ids: Any) -> tuple[list[int], list[str]]:
+    """The expected ids as distinct ints in order; W_BAD_ARGUMENT when some were unusable."""
+    try:
+        raw = [] if isinstance(ids, (str, bytes)) else list(ids)
+    except Exception:  # not iterable, or its iterator failed: a caller error, reported as a code
+        return [], [W_BAD_ARGUMENT]
+    out = [region_id(i) for i in raw]
+    kept = list(dict.fromkeys(i for i in out if i is not None))
+    return kept, [W_BAD_ARGUMENT] if None in out or isinstance(ids, (str, bytes)) else []
+
+
+def _assemble(expected: list[int], blocks: list[tuple[int | None, ScoreParse]], pre: list[str]) -> RegionsParse:
+    """Apply the missing / duplicate / unknown rules to (id, parse) blocks in answer order."""
+    top = list(pre)
+    wanted = set(expected)
+    chosen: dict[int, ScoreParse] = {}
+    scores: dict[int, list[float]] = {}
+    for rid, parse in blocks:
+        if rid is None or rid not in wanted:
+            top.append(W_UNKNOWN_REGION)
+            continue
+        if parse.score is not None:
+            scores.setdefault(rid, []).append(parse.score)
+        if rid not in chosen or (chosen[rid].score is None and parse.score is not None):
+            chosen[rid] = parse
+    regions: dict[int, ScoreParse] = {}
+    for rid in expected:
+        if rid not in chosen:
+            regions[rid] = _no_score(W_MISSING_REGION)
+            continue
+        got = scores.get(rid, [])
+        dup = [W_DUPLICATE_REGION] if len(got) > 1 else []
+        differ = [W_AMBIGUOUS_SCORES] if len(set(got)) > 1 else []
+        regions[rid] = _with(chosen[rid], *dup, *differ) if dup else chosen[rid]
+    for parse in regions.values():
+        top.extend(parse.warnings)
+    return RegionsParse(
+        regions=regions, warnings=_uniq(top), ambiguous=any(p.ambiguous for p in regions.values())
+    )
+
+
+def _text_blocks(body: str | None, scale: str) -> list[tuple[int | None, ScoreParse]] | None:
+    found = region_blocks(body) if body else None
+    return None if found is None else [(rid, _from_block(read_block(t, scale))) for rid, t in found]
+
+
+def _regions_from_text(
+    prep: Prepared, expected: list[int], scale: str, pre: list[str], read_json: bool
+) -> RegionsParse:
+    outside = _text_blocks(prep.answer, scale)
+    inside = _text_blocks(prep.inside, scale)
+    if outside is None and inside is None:
+        if read_json and (found := find_json(prep, want_regions)) is not None:
+            return _regions_from_json(found, expected, scale, [*pre, W_JSON_ANSWER])
+        pre = [*pre, W_NO_REGION_HEADER]
         if len(expected) == 1:
-            return _assemble(expected, [(expected[0], _parse_block(body))], pre)
+            return _assemble(expected, [(expected[0], _read_text(prep, scale))], pre)
         return _assemble(expected, [], pre)
-    blocks = []
-    for i, m in enumerate(kept):
-        end = kept[i + 1].start() if i + 1 < len(kept) else len(body)
-        # The rest of the header line ("Region ID: 1, box [..]") is not part of any field.
-        blocks.append((int(m.group("id")), _parse_block(body[m.end() : end])))
+    blocks = list(outside or [])
+    scored = {rid for rid, p in blocks if p.score is not None}
+    blocks += [(rid, _with(p, W_TRUNCATED_THINK)) for rid, p in inside or [] if rid not in scored]
     return _assemble(expected, blocks, pre)
+
+
+def _regions_text(text: Any, expected_ids: Any) -> RegionsParse:
+    expected, bad = _expected(expected_ids)
+    prep, pre = prepare(text)
+    if prep is None:
+        return _assemble(expected, [], [*bad, *pre])
+    return _regions_from_text(prep, expected, UNIT, [*bad, *pre], read_json=True)
 
 
 def parse_regions_text(text: Any, expected_ids: Sequence[int]) -> RegionsParse:
@@ -432,72 +362,28 @@ def parse_regions_text(text: Any, expected_ids: Sequence[int]) -> RegionsParse:
         return _regions_failed(expected_ids)
 
 
-# ----- JSON parsers (structured output) -----
-
-
-def _find_json(text: str, want: Callable[[Any], bool]) -> Any:
-    """First JSON value (inside a code fence first, then anywhere) that satisfies ``want``."""
-    decoder = json.JSONDecoder()
-    candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
-    for cand in candidates:
-        for k, m in enumerate(_JSON_START.finditer(cand)):
-            if k >= _MAX_JSON_ATTEMPTS:
-                break
-            try:
-                value, _ = decoder.raw_decode(cand, m.start())
-            except (ValueError, RecursionError):
-                continue
-            if want(value):
-                return value
-    return None
-
-
-def _lower_keys(d: dict[Any, Any]) -> dict[str, Any]:
-    return {str(k).strip().lower(): v for k, v in d.items()}
-
-
-def _json_score(value: Any) -> tuple[float | None, list[str], bool]:
-    """Integers are tenths, floats are on [-1, 1], strings follow the text rules."""
-    if value is None:
-        return None, [], False
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return None, [W_BAD_SCORE_TYPE], False
-    if isinstance(value, str):
-        return _number(value)
-    if isinstance(value, int):
-        x = value / 10 if abs(value) <= 10 else math.copysign(2.0, value)
-    else:
-        x = value
-    if not math.isfinite(x):
-        return None, [W_NONFINITE], False
-    x, clamped = _clamp(x)
-    return x, [W_CLAMPED] if clamped else [], clamped
-
-
-def _json_entry(d: dict[Any, Any]) -> ScoreParse:
-    d = _lower_keys(d)
-    score, warns, clamped = _json_score(d.get("score"))
-    reason = d.get("reason", "")
-    reason = _clean(reason if isinstance(reason, str) else json.dumps(reason), MAX_REASON_CHARS, False)
-    obj = d.get("object", d.get("identified_object"))
-    obj = _clean(obj, MAX_OBJECT_CHARS, False) if isinstance(obj, str) else None
-    if score is None:
-        warns = [*warns, W_NO_SCORE]
-    if not reason:
-        warns = [*warns, W_NO_REASON]
-    return ScoreParse(
-        score=score, reason=reason, identified_object=obj or None, warnings=_uniq(warns), clamped=clamped
+def _regions_failed(expected_ids: Any) -> RegionsParse:
+    """Result for an internal error: every id (if the ids are usable) without a score."""
+    try:
+        ids = _expected(expected_ids)[0]
+    except Exception:
+        ids = []
+    return RegionsParse(
+        regions={i: _no_score(W_INTERNAL_ERROR) for i in ids}, warnings=(W_INTERNAL_ERROR, W_NO_SCORE)
     )
 
 
+# ----- JSON parsers (structured output) -----
+
+
 def _score_json(text: Any) -> ScoreParse:
-    body, pre = _prepare(text)
-    if body is None:
+    prep, pre = prepare(text)
+    if prep is None:
         return _no_score(*pre)
-    found = _find_json(body, lambda v: isinstance(v, dict) and "score" in _lower_keys(v))
+    found = find_json(prep, want_score)
     if found is None:
-        return _with(_parse_block(body), *pre, W_BAD_JSON)
-    return _with(_json_entry(found), *pre)
+        return _with(_read_text(prep, TENTHS), *pre, W_BAD_JSON)
+    return _with(_json_entry(found.value, TENTHS), *found.codes, *([W_TRUNCATED_THINK] if found.inside else []))
 
 
 def parse_score_json(text: Any) -> ScoreParse:
@@ -508,41 +394,29 @@ def parse_score_json(text: Any) -> ScoreParse:
         return _no_score(W_INTERNAL_ERROR)
 
 
-def _region_id(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
-    return None
-
-
-def _region_list(value: Any) -> list[Any] | None:
-    if isinstance(value, dict):
-        value = _lower_keys(value).get("regions")
-    return value if isinstance(value, list) else None
-
-
-def _regions_json(text: Any, expected_ids: Sequence[int]) -> RegionsParse:
-    expected = _expected(expected_ids)
-    body, pre = _prepare(text)
-    if body is None:
-        return _assemble(expected, [], pre)
-    found = _find_json(body, lambda v: _region_list(v) is not None)
-    if found is None:
-        fallback = _regions_text(body, expected)
-        return fallback.model_copy(update={"warnings": _uniq((*pre, W_BAD_JSON, *fallback.warnings))})
-    blocks: list[tuple[int, ScoreParse]] = []
-    for item in _region_list(found) or []:
-        rid = _region_id(_lower_keys(item).get("id")) if isinstance(item, dict) else None
-        if rid is None or not isinstance(item, dict):
-            pre.append(W_UNKNOWN_REGION)
+def _regions_from_json(found: Found, expected: list[int], scale: str, pre: list[str]) -> RegionsParse:
+    top = [*pre, *found.codes]
+    blocks: list[tuple[int | None, ScoreParse]] = []
+    for item in region_items(found.value) or []:
+        d = lower_keys(item) if isinstance(item, dict) else None
+        rid = region_id(d.get("id", d.get("region_id"))) if d is not None else None
+        if rid is None:
+            top.append(W_UNKNOWN_REGION)
             continue
-        blocks.append((rid, _json_entry(item)))
-    return _assemble(expected, blocks, pre)
+        entry = _json_entry(item, scale)
+        blocks.append((rid, _with(entry, W_TRUNCATED_THINK) if found.inside else entry))
+    return _assemble(expected, blocks, top)
+
+
+def _regions_json(text: Any, expected_ids: Any) -> RegionsParse:
+    expected, bad = _expected(expected_ids)
+    prep, pre = prepare(text)
+    if prep is None:
+        return _assemble(expected, [], [*bad, *pre])
+    found = find_json(prep, want_regions)
+    if found is None:
+        return _regions_from_text(prep, expected, TENTHS, [*bad, *pre, W_BAD_JSON], read_json=False)
+    return _regions_from_json(found, expected, TENTHS, bad)
 
 
 def parse_regions_json(text: Any, expected_ids: Sequence[int]) -> RegionsParse:
@@ -555,34 +429,46 @@ def parse_regions_json(text: Any, expected_ids: Sequence[int]) -> RegionsParse:
 
 # ----- Grounding answers -----
 
+def _dimension(v: Any) -> float | None:
+    if isinstance(v, bool):
+        return None
+    try:
+        x = float(v)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return x if math.isfinite(x) and x > 0 else None
 
-def _grounding(text: Any, width: float, height: float) -> GroundingParse:
-    body, pre = _prepare(text)
-    if body is None:
+
+def _grounding(text: Any, width: Any, height: Any) -> GroundingParse:
+    prep, pre = prepare(text)
+    if prep is None:
         return GroundingParse(warnings=_uniq(pre))
-    found = _find_json(body, lambda v: isinstance(v, list) or (isinstance(v, dict) and "objects" in v))
-    if isinstance(found, dict):
-        found = found.get("objects")
-    if not isinstance(found, list):
+    w, h = _dimension(width), _dimension(height)
+    if w is None or h is None:
+        return GroundingParse(warnings=_uniq((*pre, W_BAD_ARGUMENT)))
+    found = find_json(prep, want_boxes) or find_json(prep, want_empty)
+    if found is None:
         return GroundingParse(warnings=_uniq((*pre, W_BAD_JSON)))
+    items = lower_keys(found.value).get("objects") if isinstance(found.value, dict) else found.value
+    codes = list(found.codes)
     boxes: list[GroundedBox] = []
-    for item in found:
-        d = _lower_keys(item) if isinstance(item, dict) else {}
-        raw = d.get("box", d.get("bbox_2d", d.get("bbox")))
+    for item in items:
+        d = lower_keys(item) if isinstance(item, dict) else {}
+        raw = next((d[k] for k in BOX_KEYS if k in d), None)
         ok = isinstance(raw, list) and len(raw) == 4
-        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw)
-        ok = ok and all(math.isfinite(v) for v in raw)
+        ok = ok and all(isinstance(v, float) and math.isfinite(v) for v in raw)  # JSON numbers are floats
         if not ok:
-            pre.append(W_BAD_BOX)
+            codes.append(W_BAD_BOX)
             continue
-        x1, x2 = (min(max(float(v), 0.0), float(width)) for v in (raw[0], raw[2]))
-        y1, y2 = (min(max(float(v), 0.0), float(height)) for v in (raw[1], raw[3]))
+        x1, x2 = (min(max(float(v), 0.0), w) for v in (raw[0], raw[2]))
+        y1, y2 = (min(max(float(v), 0.0), h) for v in (raw[1], raw[3]))
         if x2 <= x1 or y2 <= y1:
-            pre.append(W_BAD_BOX)
+            codes.append(W_BAD_BOX)
             continue
         label = d.get("label", "")
-        boxes.append(GroundedBox(label=_clean(str(label), MAX_OBJECT_CHARS), box=(x1, y1, x2, y2)))
-    return GroundingParse(boxes=tuple(boxes), warnings=_uniq(pre))
+        label = label if isinstance(label, str) else ""
+        boxes.append(GroundedBox(label=clean(label, MAX_OBJECT_CHARS), box=(x1, y1, x2, y2)))
+    return GroundingParse(boxes=tuple(boxes), warnings=_uniq(codes))
 
 
 def parse_grounding_json(text: Any, width: float, height: float) -> GroundingParse:

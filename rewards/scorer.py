@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -52,6 +52,7 @@ class ScoredSample:
     R_latent: torch.Tensor | None = None
     drop_reason: DropReason | None = None
     error: str | None = None
+    ambiguous: bool = False
     n_proposed: int = 0
     n_filtered: int = 0
     timings: dict[str, float] = field(default_factory=dict)
@@ -70,18 +71,23 @@ class ScoredSample:
 class SampleScorer:
     """Score samples with ``judge`` and ``proposer`` under ``reward_cfg``; ``keyword_filter`` keeps only
     regions whose identified object matches a prompt word (``regions.keyword_filter``);
-    ``max_concurrency`` bounds :meth:`score_many`.
+    ``max_concurrency`` bounds :meth:`score_many`. A score the judge read only with a doubt (outcome
+    ``ambiguous``) is handled by ``on_ambiguous`` (``judge.on_ambiguous``): ``drop`` the sample
+    (:attr:`DropReason.JUDGE_AMBIGUOUS`; its map is still built for the gallery), ``neutral`` (the score
+    becomes 0) or ``use`` (the parser's best reading).
     """
 
     def __init__(self, judge: BaseJudge, proposer: RegionProposer, reward_cfg: RewardConfig,
-                 keyword_filter: bool = False, max_concurrency: int = 8):
+                 keyword_filter: bool = False, max_concurrency: int = 8,
+                 on_ambiguous: Literal["drop", "neutral", "use"] = "drop"):
         self.judge = judge
         self.proposer = proposer
         self.cfg = reward_cfg
         self.keyword_filter = keyword_filter
+        self.on_ambiguous = on_ambiguous
         self.max_concurrency = max(1, int(max_concurrency))
-        self.counts: dict[str, int] = {"scored": 0, "failed": 0, "dropped": 0, "regions_proposed": 0,
-                                       "regions_filtered": 0}
+        self.counts: dict[str, int] = {"scored": 0, "failed": 0, "dropped": 0, "ambiguous": 0,
+                                       "regions_proposed": 0, "regions_filtered": 0}
         self.errors: dict[str, int] = {}
 
     async def score(self, image: Any, prompt: str, latent_hw: Sequence[int]) -> ScoredSample:
@@ -91,13 +97,22 @@ class SampleScorer:
         try:
             img = prepare_image(image)
             width, height = img.size
+            s_res: JudgeResult | None = None
+            r_res: RegionsJudgeResult | None = None
+            props: list[Proposal] = []
             if self.cfg.granularity == "sample":
                 g_res, s_res = await _all(self._global(img, prompt), self.judge.score_sample(img, prompt))
-                out.sample_score = s_res.score
-                regions: list[Region] = []
             else:
                 g_res, (props, r_res, propose_s) = await _all(self._global(img, prompt), self._regions(img, prompt))
                 out.timings["propose_s"] = propose_s
+            out.ambiguous = any(r is not None and r.outcome == "ambiguous"
+                                for r in (g_res, s_res, *(r_res.regions if r_res else ())))
+            if out.ambiguous and self.on_ambiguous == "neutral":
+                g_res, s_res, r_res = _neutral(g_res), _neutral(s_res), _neutral_regions(r_res)
+            regions: list[Region] = []
+            if s_res is not None:
+                out.sample_score = s_res.score
+            else:
                 regions = _merge(props, r_res)
                 out.n_proposed = len(props)
                 regions, out.n_filtered = keyword_filter(regions, prompt, self.keyword_filter)
@@ -111,6 +126,8 @@ class SampleScorer:
             out.timings["map_s"] = time.perf_counter() - t1
             out.regions, out.reward_map = regions, rmap
             out.alpha, out.drop_reason = rmap.alpha, rmap.drop_reason
+            if out.ambiguous and self.on_ambiguous == "drop" and out.drop_reason is None:
+                out.drop_reason = DropReason.JUDGE_AMBIGUOUS
         except Exception as err:  # contract: a failed sample, never an exception
             kind = err.kind if isinstance(err, JudgeError) else type(err).__name__
             self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -155,6 +172,7 @@ class SampleScorer:
     def _count(self, out: ScoredSample) -> None:
         c = self.counts
         c["failed" if out.failed else ("dropped" if out.drop else "scored")] += 1
+        c["ambiguous"] += out.ambiguous
         c["regions_proposed"] += out.n_proposed
         c["regions_filtered"] += out.n_filtered
 
@@ -169,6 +187,15 @@ async def _all(*coros: Any) -> list[Any]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+def _neutral(res: JudgeResult | None) -> JudgeResult | None:
+    """An ambiguous score as the neutral 0 (``judge.on_ambiguous: neutral``)."""
+    return res.model_copy(update={"score": 0.0}) if res is not None and res.outcome == "ambiguous" else res
+
+
+def _neutral_regions(res: RegionsJudgeResult | None) -> RegionsJudgeResult | None:
+    return None if res is None else res.model_copy(update={"regions": tuple(_neutral(r) for r in res.regions)})
 
 
 def _merge(props: Sequence[Proposal], res: RegionsJudgeResult | None) -> list[Region]:

@@ -3,8 +3,10 @@
 It serves ``GET /v1/models``, ``GET /health`` and ``POST /v1/chat/completions``. Chat answers come
 from ``answer(body) -> str``; logprob probes (``logprobs`` + a ``structured_outputs.choice``) get
 ``top_logprobs`` from ``probe(body) -> {token: prob}`` (uniform over the choices by default).
+``probe`` may also return ``{"__raw__": [(token, logprob), ...]}`` (sent as is, the first chosen).
 ``script`` is a list of per-request overrides consumed in order: an int status (error JSON), a
-``("delay", seconds)`` pause before answering normally, or ``("status", code, headers)``. It
+``("delay", seconds)`` pause before answering normally, ``("status", code, headers)``, or
+``("body", text[, content_type])``, a raw 200 body (a proxy's page, broken JSON). It
 records every request body, and the peak number of chat requests in flight. ``stop()`` closes
 the listening socket (connections are refused), ``start()`` reopens it on the same port.
 
@@ -109,6 +111,8 @@ class FakeOpenAIServer:
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             action = self.script.pop(0) if self.script else None
+            if isinstance(action, tuple) and action[0] == "body":  # a raw 200 body (a proxy's page, broken JSON)
+                return web.Response(text=action[1], content_type=action[2] if len(action) > 2 else "text/html")
             if isinstance(action, tuple) and action[0] == "delay":
                 await asyncio.sleep(action[1])
                 action = None
@@ -131,8 +135,11 @@ class FakeOpenAIServer:
         choices = ((body.get("structured_outputs") or {}).get("choice")) or []
         if body.get("logprobs") and choices:
             dist = self.probe(body) if self.probe else {c: 1.0 / len(choices) for c in choices}
-            top = [{"token": t, "logprob": math.log(p) if p > 0 else -9999.0, "bytes": None}
-                   for t, p in sorted(dist.items(), key=lambda kv: -kv[1])]
+            if "__raw__" in dist:  # (token, logprob) pairs sent as they are, first one chosen
+                top = [{"token": t, "logprob": lp, "bytes": None} for t, lp in dist["__raw__"]]
+            else:
+                top = [{"token": t, "logprob": math.log(p) if p > 0 else -9999.0, "bytes": None}
+                       for t, p in sorted(dist.items(), key=lambda kv: -kv[1])]
             chosen = top[0]["token"] if top else choices[0]
             logprobs = {"content": [{"token": chosen, "logprob": top[0]["logprob"] if top else 0.0,
                                      "bytes": None, "top_logprobs": top}]}

@@ -12,6 +12,7 @@ from PIL import Image
 
 from core.config import OpenAIJudgeConfig
 from rewards.judge import (
+    JudgeBadResponseError,
     JudgeHTTPError,
     JudgeModelNotFoundError,
     JudgeRequestError,
@@ -67,16 +68,18 @@ def test_text_mode_request_and_parse(server):
     assert c["requests"] == 1 and c["ok"] == 1 and c["attempts"] == 1 and c["prompt_tokens"] == 11
 
 
-def test_text_parse_failure_and_clamp_are_counted(server):
+def test_text_parse_failure_and_ambiguous_answers_are_counted(server):
     answers = iter(["I cannot tell.", "Score: 3\nReason: great"])
     server.answer = lambda body: next(answers)
     j = judge_for(server.base_url, mode="text")
     bad = run(j.score_global(IMG, "p"), j)
-    clamped = run(j.score_sample(IMG, "p"), j)
+    other_scale = run(j.score_sample(IMG, "p"), j)
     assert bad.score is None and bad.outcome == "parse_failed"
-    assert clamped.score == 1.0 and clamped.outcome == "clamped"
+    # "3" on a [-1, 1] prompt: read as 3 tenths, never silently clamped to the maximum; flagged for the scorer
+    assert other_scale.score == pytest.approx(0.3) and other_scale.outcome == "ambiguous"
+    assert "other_scale" in other_scale.warnings
     c = j.counters()
-    assert (c["parse_failed"], c["clamped"], c["ok"]) == (1, 1, 0)
+    assert (c["parse_failed"], c["ambiguous"], c["ok"]) == (1, 1, 0) and "clamped" not in c
 
 
 def test_structured_mode_sends_json_schema(server):
@@ -190,6 +193,43 @@ def test_health_check_wrong_model_fails_fast(server):
     assert server.requests == []
 
 
+def test_a_200_that_is_no_completion_is_retried_then_a_counted_judge_error(server):
+    server.answer = lambda body: "Score: 0.5\nReason: fine"
+    server.script = [("body", "<html><body>502 from the proxy</body></html>")]
+    j = judge_for(server.base_url, mode="text")
+    res = run(j.score_global(IMG, "p"), j)  # retried like a 5xx, then the real answer
+    assert res.score == 0.5 and j.counters()["attempt_errors"] == {"bad_response": 1}
+    server.script = [("body", '{"choices": [', "application/json"), ("body", '{"id": 1}', "application/json"),
+                     ("body", "[1, 2]", "application/json")]
+    j = judge_for(server.base_url, mode="text")
+    with pytest.raises(JudgeBadResponseError, match="not"):
+        run(j.score_global(IMG, "p"), j)
+    c = j.counters()
+    assert c["bad_response"] == 1 and c["attempt_errors"] == {"bad_response": 3} and c["requests"] == 1
+
+
+def test_logprob_probe_without_a_distribution_is_a_failure_not_a_guess(server):
+    server.probe = lambda body: {}  # no allowed token in the top logprobs (and the fake chooses the first)
+    j = judge_for(server.base_url, mode="logprob")
+    res = run(j.score_global(IMG, "p"), j)
+    assert res.score is not None and "logprob_fallback" in res.warnings  # the chosen token is still information
+
+    server.probe = lambda body: {"__raw__": [("x", -0.1)]}  # nothing allowed, not even the chosen token
+    j = judge_for(server.base_url, mode="logprob")
+    res = run(j.score_global(IMG, "p"), j)
+    assert res.score is None and res.outcome == "probe_failed" and res.probs is None
+    assert j.counters()["probe_failed"] == 1
+
+
+def test_absurd_logprobs_do_not_overflow_or_count(server):
+    # a positive log-probability beyond exp's range is no probability: skipped, the other tokens decide
+    server.probe = lambda body: {"__raw__": [("1", 800.0), ("0", -0.01), ("-", -5.0), ("5", 0.0)]}
+    j = judge_for(server.base_url, mode="logprob")
+    res = run(j.score_global(IMG, "p"), j)
+    assert res.outcome == "ok" and res.probs[20] == pytest.approx(0.0)  # P(score = 1.0) from the 800 entry: none
+    assert -1.0 <= res.score <= 1.0
+
+
 def test_server_down_at_start_names_url():
     url = f"http://127.0.0.1:{_free_port()}/v1"
     j = judge_for(url)
@@ -274,3 +314,22 @@ def test_survives_successive_event_loops(server):
     assert run(j.score_global(IMG, "p")).score == 0.5
     assert run(j.score_global(IMG, "p")).score == 0.5
     run(j.aclose())
+
+
+def test_regions_missing_from_the_answer_are_counted_in_logprob_mode_too(server):
+    server.answer = lambda body: "Region ID: 1\nIdentified Object: a cat\nScore: 0.2\nReason: r"  # no region 2
+    server.probe = lambda body: {"0": 1.0}
+    j = judge_for(server.base_url, mode="logprob")
+    res = run(j.score_regions(IMG, "a cat", [(0, 0, 10, 10), (10, 10, 20, 20)]), j)
+    assert [r.score is not None for r in res.regions] == [True, True]  # both probed
+    assert j.counters()["regions_missing"] == 1  # but the answer lacked region 2, and that is counted
+
+
+def test_on_ambiguous_reaches_the_scorer_from_the_config():
+    from core.config_io import load_config
+    from srum.registry import compose
+
+    for policy in ("drop", "neutral", "use"):
+        cfg = load_config("configs/tiny_sd3.yaml", [f"judge.on_ambiguous={policy}"])
+        assert compose(cfg).scorer().on_ambiguous == policy
+    assert load_config(None).judge.on_ambiguous == "drop"

@@ -9,7 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rewards.parse import (
+    AMBIGUITY_CODES,
     MAX_INPUT_CHARS,
+    W_AMBIGUOUS_NUMBER,
+    W_AMBIGUOUS_SCORES,
     W_BAD_BOX,
     W_BAD_JSON,
     W_BAD_SCORE_TYPE,
@@ -25,8 +28,10 @@ from rewards.parse import (
     W_NO_SCORE,
     W_NONFINITE,
     W_NOT_TEXT,
+    W_OTHER_SCALE,
     W_PERCENT,
     W_TRUNCATED,
+    W_TRUNCATED_THINK,
     W_UNCLOSED_THINK,
     W_UNKNOWN_REGION,
     RegionsParse,
@@ -67,11 +72,11 @@ SCORE_TABLE = [
         "Generic layout; no spatial request.",
         set(),
     ),
-    (
+    (  # issue 12: a score only inside an unclosed <think> is ambiguous (was plain ok)
         "<think>The dog is left of the cat, which matches.\nScore: 0.7\nReason: Matches the prompt.",
         0.7,
         "Matches the prompt.",
-        {W_UNCLOSED_THINK},
+        {W_UNCLOSED_THINK, W_TRUNCATED_THINK},
     ),
     ("<think>\nLet me analyze the spatial relation between", None, "", {W_UNCLOSED_THINK, NS, NR}),
     ("<THINK>hidden</THINK>Score: 0.1\nReason: Plain scene.", 0.1, "Plain scene.", set()),
@@ -84,32 +89,33 @@ SCORE_TABLE = [
     ("Score: \u20130.5\nReason: Wrong order.", -0.5, "Wrong order.", set()),
     ("Score: +0.6\nReason: Mostly right.", 0.6, "Mostly right.", set()),
     ("Score: 1\nReason: Perfect.", 1.0, "Perfect.", set()),
-    ("Score: 7\nReason: Good.", 1.0, "Good.", {W_CLAMPED}),
-    ("Score: -3.5\nReason: Awful.", -1.0, "Awful.", {W_CLAMPED}),
-    ("Score: 1e400\nReason: x", 1.0, "x", {W_CLAMPED}),
+    # issue 12: another scale is read on the tenths scale and is ambiguous (was clamped to +-1.0)
+    ("Score: 7\nReason: Good.", 0.7, "Good.", {W_OTHER_SCALE}),
+    ("Score: -3.5\nReason: Awful.", -0.35, "Awful.", {W_OTHER_SCALE}),
+    ("Score: 1e400\nReason: x", 1.0, "x", {W_OTHER_SCALE, W_CLAMPED}),
     ("Score: .5\nReason: Fine.", 0.5, "Fine.", set()),
     ("Score: -0.\nReason: Neutral.", 0.0, "Neutral.", set()),
-    ("Score: 7/10\nReason: Nearly.", 0.7, "Nearly.", {W_FRACTION}),
+    ("Score: 7/10\nReason: Nearly.", 0.7, "Nearly.", {W_FRACTION, W_OTHER_SCALE}),  # issue 12: other scale
     ("Final Score: 0.8/1.0\nReason: Good.", 0.8, "Good.", {W_FRACTION}),
-    ("Score: 8 out of 10\nReason: Nice.", 0.8, "Nice.", {W_FRACTION}),
+    ("Score: 8 out of 10\nReason: Nice.", 0.8, "Nice.", {W_FRACTION, W_OTHER_SCALE}),  # issue 12
     ("Score: 3/0\nReason: x", None, "x", {W_FRACTION, W_NONFINITE, NS}),
     ("Score: 80%\nReason: Good.", None, "Good.", {W_PERCENT, NS}),
     ("Score: N/A\nReason: The image is blank.", None, "The image is blank.", {NS}),
     ("Score: NaN\nReason: Unsure.", None, "Unsure.", {W_NONFINITE, NS}),
     ("Score: -inf", None, "", {W_NONFINITE, NS, NR}),
     ("I cannot evaluate this image because it appears to be corrupted.", None, "", {NS, NR}),
-    (
+    (  # issue 12: conflicting scores are ambiguous; the latest is the best reading (was plain ok)
         "Score: 0.6\nReason: The vase is left of the book.\n\nWait, the vase is partly behind the book.\n"
         "Score: 0.4\nReason: Left of, but partly behind the book.",
         0.4,
         "Left of, but partly behind the book.",
-        {W_MULTIPLE_SCORES},
+        {W_MULTIPLE_SCORES, W_AMBIGUOUS_SCORES},
     ),
-    (
+    (  # issue 12: a Final Score that disagrees with the Layout score is ambiguous (was plain ok)
         "- Relevance: good\n- **Layout score:** 0.7\n- **Final Score:** 0.8\n\nReason: The bench is in front of the tree.",
         0.8,
         "The bench is in front of the tree.",
-        {W_MULTIPLE_SCORES},
+        {W_MULTIPLE_SCORES, W_AMBIGUOUS_SCORES},
     ),
     (
         "Relevance score: 0.9\nQuality score: 0.4\nOverall score: 0.6\nReason: Right objects, distorted hands.\n"
@@ -118,7 +124,8 @@ SCORE_TABLE = [
         "Right objects, distorted hands.",
         {W_MULTIPLE_SCORES},
     ),
-    ("Quality score: 0.4\nRelevance score: 0.8\nReason: x", 0.8, "x", {W_MULTIPLE_SCORES}),
+    # issue 12: two sub-scores and no overall one disagree: ambiguous (was plain ok)
+    ("Quality score: 0.4\nRelevance score: 0.8\nReason: x", 0.8, "x", {W_MULTIPLE_SCORES, W_AMBIGUOUS_SCORES}),
     (
         "### Score: 0.3\n### Reason: Generic street scene, no layout requested.",
         0.3,
@@ -132,7 +139,8 @@ SCORE_TABLE = [
         "The two cups are side by side as requested.",
         set(),
     ),
-    ("**Score:**\n- 0.8\n**Reason:** bullet under the label", 0.8, "bullet under the label", set()),
+    # issue 12: "- 0.8" under the label is a bullet or a minus: read as a bullet, ambiguous (was plain ok)
+    ("**Score:**\n- 0.8\n**Reason:** bullet under the label", 0.8, "bullet under the label", {W_AMBIGUOUS_NUMBER}),
     ("Score: [0.85]\nReason: Good alignment.", 0.85, "Good alignment.", set()),
     ("Score (from -1.0 to 1.0): -0.8\nReason: The sign reads 'HELO'.", -0.8, "The sign reads 'HELO'.", set()),
     ("Score: 0.9 Reason: The kite flies above the house.", 0.9, "The kite flies above the house.", set()),
@@ -175,6 +183,9 @@ def check_score(p: ScoreParse) -> None:
     assert W_INTERNAL_ERROR not in p.warnings
     assert len(set(p.warnings)) == len(p.warnings)
     assert p.clamped == (W_CLAMPED in p.warnings)
+    assert p.ambiguous == (not AMBIGUITY_CODES.isdisjoint(p.warnings))
+    if p.ambiguous or p.clamped:
+        assert p.score is not None
     if p.score is None:
         assert W_NO_SCORE in p.warnings and not p.clamped
     else:
@@ -187,6 +198,7 @@ def check_score(p: ScoreParse) -> None:
 def check_regions(r: RegionsParse, expected: list[int]) -> None:
     assert isinstance(r, RegionsParse)
     assert list(r.regions) == expected
+    assert r.ambiguous == any(p.ambiguous for p in r.regions.values())
     for p in r.regions.values():
         check_score(p)
         assert set(p.warnings) <= set(r.warnings)
@@ -294,10 +306,11 @@ def test_region_missing_duplicate_unknown() -> None:
     r = parse_regions_text(answer, [1, 2, 3])
     check_regions(r, [1, 2, 3])
     assert r.regions[1].score == 0.5 and r.regions[1].reason == "first"
-    assert W_DUPLICATE_REGION in r.regions[1].warnings
+    # issue 12: duplicates that disagree are ambiguous (the first is the best reading)
+    assert {W_DUPLICATE_REGION, W_AMBIGUOUS_SCORES} <= set(r.regions[1].warnings) and r.regions[1].ambiguous
     for rid in (2, 3):
         assert r.regions[rid].score is None and W_MISSING_REGION in r.regions[rid].warnings
-    assert set(r.warnings) == {W_UNKNOWN_REGION, W_DUPLICATE_REGION, W_MISSING_REGION, NS}
+    assert set(r.warnings) == {W_UNKNOWN_REGION, W_DUPLICATE_REGION, W_AMBIGUOUS_SCORES, W_MISSING_REGION, NS}
 
 
 def test_region_restated_headers_are_no_duplicates() -> None:
@@ -311,15 +324,16 @@ def test_region_restated_headers_are_no_duplicates() -> None:
     assert r.warnings == ()
 
 
-def test_region_block_without_score_and_clamped() -> None:
+def test_region_block_without_score_and_other_scale() -> None:
     r = parse_regions_text(
         "Region 1: Identified Object: sky\nReason: cannot judge\nRegion 2: Score: 3", [1, 2]
     )
     check_regions(r, [1, 2])
     assert r.regions[1].score is None and r.regions[1].identified_object == "sky"
     assert set(r.regions[1].warnings) == {NS}
-    assert r.regions[2].score == 1.0 and r.regions[2].clamped
-    assert set(r.warnings) == {NS, W_CLAMPED, NR}
+    # issue 12: "Score: 3" on a [-1, 1] prompt is another scale: 0.3 and ambiguous (was clamped to 1.0)
+    assert r.regions[2].score == 0.3 and r.regions[2].ambiguous and not r.regions[2].clamped
+    assert set(r.warnings) == {NS, W_OTHER_SCALE, NR}
 
 
 def test_region_no_header() -> None:
@@ -348,8 +362,10 @@ def test_region_expected_ids_are_normalised() -> None:
         ('{"score": 15, "reason": "ok"}', 1.0, {W_CLAMPED}),
         ('{"score": -99999999999999999999999, "reason": "ok"}', -1.0, {W_CLAMPED}),
         ('{"score": 0.7, "reason": "ok"}', 0.7, set()),
-        ('{"score": 1.0, "reason": "ok"}', 1.0, set()),
-        ('{"score": 2.5, "reason": "ok"}', 1.0, {W_CLAMPED}),
+        # issue 12: the scale does not depend on the JSON type: 1.0 is 1 tenth like 1, but written
+        # with a point it may mean 1.0, so it is ambiguous; 2.5 tenths is 0.25 (was 1.0 / clamped)
+        ('{"score": 1.0, "reason": "ok"}', 0.1, {W_OTHER_SCALE}),
+        ('{"score": 2.5, "reason": "ok"}', 0.25, set()),
         ('{"score": "0.7", "reason": "ok"}', 0.7, set()),
         ('{"Score": "\u22120.3", "Reason": "ok"}', -0.3, set()),
         ('```json\n{"score": -4, "reason": "ok"}\n```', -0.4, set()),
@@ -380,12 +396,16 @@ def test_regions_json() -> None:
     )
     r = parse_regions_json(ans, [1, 2, 3])
     check_regions(r, [1, 2, 3])
-    assert r.regions[1] == ScoreParse(
-        score=-0.7, reason="six legs", identified_object="dog", warnings=(W_DUPLICATE_REGION,)
+    assert r.regions[1] == ScoreParse(  # issue 12: the duplicates disagree (-7, 9): ambiguous
+        score=-0.7,
+        reason="six legs",
+        identified_object="dog",
+        warnings=(W_DUPLICATE_REGION, W_AMBIGUOUS_SCORES),
+        ambiguous=True,
     )
     assert r.regions[2].score == pytest.approx(0.2) and r.regions[2].identified_object == "tree"
     assert r.regions[3].score is None
-    assert set(r.warnings) == {W_UNKNOWN_REGION, W_DUPLICATE_REGION, W_MISSING_REGION, NS}
+    assert set(r.warnings) == {W_UNKNOWN_REGION, W_DUPLICATE_REGION, W_AMBIGUOUS_SCORES, W_MISSING_REGION, NS}
 
 
 def test_regions_json_bare_list_and_fallback() -> None:

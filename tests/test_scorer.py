@@ -16,6 +16,7 @@ from core.config import (
     TransformersJudgeConfig,
 )
 from core.records import DropReason
+from rewards.judge import JudgeResult, RegionsJudgeResult
 from rewards.judge_hf import TransformersJudge
 from rewards.regions import NoneProposer, Proposal, RegionProposer
 from rewards.scorer import SampleScorer
@@ -146,8 +147,9 @@ class StubJudge:
 
     mode = "text"
 
-    def __init__(self, g=0.4, s=-0.2, region=0.6, labels=("ball", "cloud")):
+    def __init__(self, g=0.4, s=-0.2, region=0.6, labels=("ball", "cloud"), doubtful=()):
         self.g, self.s, self.region, self.labels = g, s, region, labels
+        self.doubtful = set(doubtful)  # which answers come back "ambiguous": global, sample, regions
         self.calls: list[str] = []
         self.active = self.peak = 0
 
@@ -160,25 +162,25 @@ class StubJudge:
 
     async def score_global(self, image, prompt):
         await self._enter("global")
-        return _R(self.g)
+        return _R(self.g, outcome="ambiguous" if "global" in self.doubtful else "ok")
 
     async def score_sample(self, image, prompt):
         await self._enter("sample")
-        return _R(self.s)
+        return _R(self.s, outcome="ambiguous" if "sample" in self.doubtful else "ok")
 
     async def score_regions(self, image, prompt, boxes):
         await self._enter("regions")
-        return _RR([_R(self.region, label=self.labels[i % len(self.labels)]) for i in range(len(boxes))])
+        outcome = "ambiguous" if "regions" in self.doubtful else "ok"
+        return _RR([_R(self.region, label=self.labels[i % len(self.labels)], outcome=outcome if i == 0 else "ok")
+                    for i in range(len(boxes))])
 
 
-class _R:
-    def __init__(self, score, label=None, reason="r"):
-        self.score, self.label, self.reason = score, label, reason
+def _R(score, label=None, reason="r", outcome="ok"):
+    return JudgeResult(score=score, label=label, reason=reason, outcome=outcome)
 
 
-class _RR:
-    def __init__(self, regions):
-        self.regions = regions
+def _RR(regions):
+    return RegionsJudgeResult(regions=tuple(regions))
 
 
 def test_sample_granularity_uses_sample_prompt():
@@ -210,3 +212,29 @@ def test_no_regions_skips_region_request_and_score_many_bounds_concurrency():
     assert all(torch.allclose(r.R_latent, torch.full(LATENT, 0.5)) for r in res)
     with pytest.raises(ValueError, match="6 images but 1 prompts"):
         asyncio.run(scorer.score_many(images, ["p"], LATENT))
+
+
+@pytest.mark.parametrize("policy", ["drop", "neutral", "use"])
+def test_an_ambiguous_score_is_never_silently_used(policy):
+    judge = StubJudge(g=0.4, region=0.6, doubtful=("regions",))
+    scorer = SampleScorer(judge, FixedProposer([(0, 0, 32, 32), (32, 32, 64, 64)]), RewardConfig(),
+                          on_ambiguous=policy)
+    res = asyncio.run(scorer.score(scene(), "p", LATENT))
+    assert res.ambiguous and scorer.counters()["ambiguous"] == 1
+    first = res.reward_map.R[5, 5].item()  # region 1 (the ambiguous one), official map: (s + 1) / 2
+    if policy == "drop":
+        assert res.drop_reason == DropReason.JUDGE_AMBIGUOUS and not res.failed
+        assert first == pytest.approx(0.8)  # the map is still built for the gallery
+    elif policy == "neutral":
+        assert res.drop_reason is None and first == pytest.approx(0.5) and res.regions[0].score == 0.0
+    else:
+        assert res.drop_reason is None and first == pytest.approx(0.8)
+    assert res.reward_map.R[40, 40].item() == pytest.approx(0.8)  # region 2 was read without doubt
+
+
+def test_an_ambiguous_global_score_under_neutral_is_the_authors_zero():
+    judge = StubJudge(g=0.9, doubtful=("global",))
+    scorer = SampleScorer(judge, NoneProposer(NoRegionsConfig()), RewardConfig(), on_ambiguous="neutral")
+    res = asyncio.run(scorer.score(scene(), "p", LATENT))
+    # official semantics drop g == 0 exactly (their parse-failure value): a neutral doubtful global drops too
+    assert res.global_score == 0.0 and res.drop_reason == DropReason.GLOBAL_SCORE_ZERO

@@ -123,7 +123,7 @@ def test_judge_end_to_end_prefers_the_correct_image(perception, mode):
     assert wg > ws and wg > wr
     assert float(g.R_latent.mean()) > float(r.R_latent.mean())
     c = judge.counters()
-    assert c["requests"] == 6 and c["ok"] == 6 and c["parse_failed"] == 0 and c["clamped"] == 0
+    assert c["requests"] == 6 and c["ok"] == 6 and c["parse_failed"] == 0 and c["ambiguous"] == 0
 
 
 def test_judge_text_answers_parse_without_warnings(perception):
