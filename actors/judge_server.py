@@ -55,9 +55,10 @@ class JudgeServerLauncher:
         self._monitor: threading.Thread | None = None
 
     @staticmethod
-    def vllm_command(model: str, port: int, served_name: str | None = None, host: str = "0.0.0.0",
+    def vllm_command(model: str, port: int, served_name: str | None = None, host: str = "127.0.0.1",
                      extra: list[str] | None = None) -> list[str]:
-        """`vllm serve` with the flags srum relies on (structured outputs with no free whitespace)."""
+        """`vllm serve` with the flags srum relies on (structured outputs with no free whitespace), bound to
+        `host` (loopback unless told otherwise: give the node's address to serve other nodes)."""
         cmd = ["vllm", "serve", model, "--host", host, "--port", str(port),
                "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
         if served_name:

@@ -51,8 +51,10 @@ class LearnerHost:
         self.evaluator = components.evaluator() if cfg.run.eval_every else None
         self.metrics = Metrics({"actor": "learner"})
         self.resumed_from: str | None = None
-        if find_latest(self.ckpt_dir) is not None:
+        self.service: dict[str, Any] | None = None  # the driver's data cursor and counters, kept with checkpoints
+        if find_latest(self.ckpt_dir) is not None:  # falls back to the newest complete one, or raises
             self.resumed_from = str(self.learner.resume(self.ckpt_dir))
+            self.service = self.learner.resumed_service
             log.info("resumed from %s at step %d", self.resumed_from, self.learner.step)
         self._last_published = -1
         self.publish()
@@ -69,8 +71,11 @@ class LearnerHost:
         return version
 
     # ------------------------------------------------------------------ training
-    def train(self, batches: Sequence[Sequence[TrainSample]]) -> LearnResult:
-        """One learner step per batch (tensors by reference, all fetched at once)."""
+    def train(self, batches: Sequence[Sequence[TrainSample]], service: dict[str, Any] | None = None) -> LearnResult:
+        """One learner step per batch (tensors by reference, all fetched at once); ``service`` is the driver's
+        state (data cursor, counters) as of this draw, stored with the next checkpoint."""
+        if service is not None:
+            self.service = service
         fetched, lost = _fetch([s for b in batches for s in b])
         out = []
         for batch in batches:
@@ -118,7 +123,7 @@ class LearnerHost:
                 "eval_seconds": time.perf_counter() - t0}
 
     def checkpoint(self) -> str:
-        return str(self.learner.checkpoint(self.ckpt_dir))
+        return str(self.learner.checkpoint(self.ckpt_dir, self.service))
 
     def get_metrics(self) -> dict[str, Any]:
         return {"step": self.learner.step, "policy_version": self.policy.version,
@@ -127,6 +132,12 @@ class LearnerHost:
 
     def ping(self) -> int:
         return self.learner.step
+
+    def info(self) -> dict[str, Any]:
+        """Where the learner stands: step and version (after a restart, the checkpoint's), where it resumed
+        from, and the service data stored with that checkpoint."""
+        return {"step": self.learner.step, "policy_version": self.policy.version, "resumed_from": self.resumed_from,
+                "service": self.service}
 
     def stop(self) -> dict[str, Any]:
         """Final checkpoint and last publish; returns the final metrics."""

@@ -221,6 +221,22 @@ class ReplayBuffer:
             "sample_calls": self._sample_calls,
         }
 
+    def counters(self) -> dict[str, Any]:
+        """The accounting as JSON data (stored with checkpoints, so a resumed run continues it)."""
+        return {"generated": self._generated, "added": self._added, "trained": self._trained,
+                "in_buffer": len(self._entries), "dropped": dict(self._dropped)}
+
+    def restore(self, counters: dict[str, Any]) -> None:
+        """Continue the accounting of :meth:`counters`; the entries then held are gone with the process
+        that held them (counted ``released``). Only for an empty buffer."""
+        if self._generated or self._entries:
+            raise RuntimeError("restore() needs an empty buffer")
+        self._generated, self._added = int(counters["generated"]), int(counters["added"])
+        self._trained = int(counters["trained"])
+        self._dropped = Counter({DropReason(k).value: int(v) for k, v in counters["dropped"].items()})
+        self._drop(DropReason.RELEASED, int(counters["in_buffer"]))
+        self.check_invariant()
+
     def check_invariant(self) -> bool:
         """Return True, or raise :class:`AccountingError` naming every counter."""
         s = self.stats()

@@ -28,6 +28,8 @@ import logging
 import time
 from typing import Any
 
+from core.config import MAX_ACTORS
+
 __all__ = [
     "CONTROLLER_NAME",
     "NAMESPACE",
@@ -42,7 +44,6 @@ __all__ = [
 
 CONTROLLER_NAME = "srum_controller"
 NAMESPACE = "srum"
-MAX_ACTORS = 256
 
 SUBMIT_HINT = (
     "start one with `ray job submit --address http://127.0.0.1:8265 --working-dir . -- "

@@ -16,6 +16,7 @@ the driver) through the buffer to the learner, which fetches a whole draw with o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -33,7 +34,8 @@ from actors.scorer import ScorerActor, ScoreSummary
 from actors.weights import WeightStore
 from cluster.buffer import ReplayBuffer
 from cluster.control import NAMESPACE, get_or_create_controller
-from cluster.pool import ActorPool
+from cluster.health import OutageBreaker, logged_train_steps, storage_dir
+from cluster.pool import PROBE_EVERY_S, ActorPool
 from cluster.progress import Gallery, ProgressReporter, plot_metrics
 from core.config import SRUMConfig
 from core.config_io import config_hash, config_to_yaml
@@ -77,7 +79,12 @@ class EvalJob:
     """The learner is running the world's held-out evaluation."""
 
 
-Job = SampleJob | ScoreJob | LearnJob | EvalJob
+@dataclass(frozen=True)
+class LearnerProbeJob:
+    """Asking a restarting learner whether it is back (and where it resumed)."""
+
+
+Job = SampleJob | ScoreJob | LearnJob | EvalJob | LearnerProbeJob
 
 
 def connect_ray(cfg: SRUMConfig) -> None:
@@ -100,9 +107,13 @@ def connect_ray(cfg: SRUMConfig) -> None:
 
 class Driver:
     def __init__(self, cfg: SRUMConfig, components: Components):
+        # one storage location for every actor, resolved here before any of them starts
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(storage_dir(cfg.run.output_dir))})})
+        components = dataclasses.replace(components, cfg=cfg)
         self.cfg, self.components = cfg, components
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.earlier_steps = logged_train_steps(self.run_dir / "metrics.jsonl")
         (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
         self.reporter = ProgressReporter(self.run_dir)
         self.gallery = Gallery(self.run_dir)
@@ -130,6 +141,10 @@ class Driver:
         self.controller: Any = None  # the Ray actors, created by start()
         self.store: Any = None
         self.learner: Any = None
+        self.learner_down_since: float | None = None  # while Ray restarts the learner
+        self.next_learner_probe = 0.0
+        self.step_samples: dict[int, int] = {}  # samples trained per learner step (to account a rollback)
+        self.breaker = OutageBreaker(cfg.cluster.judge_outage_failure_rate, cfg.cluster.judge_outage_pause_s)
         c = cfg.cluster
         # named (srum-<run>-<role>-<i>) so operators and tests can find a given actor
         self.samplers = ActorPool("sampler", lambda aid: ray.remote(SamplerActor).options(
@@ -154,7 +169,7 @@ class Driver:
         self.learner = ray.remote(LearnerHost).options(
             num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=cfg.cluster.max_restarts,
         ).remote(parts, str(self.run_dir), self.store)
-        self.step = self.start_step = ray.get(self.learner.ping.remote())  # waits for the build (and a resume)
+        self._resume(ray.get(self.learner.info.remote()))  # waits for the build (and a resume)
         if cfg.run.eval_every:
             self._on_eval(ray.get(self.learner.evaluate.remote()))  # the starting point
         self.samplers.scale_to(cfg.cluster.num_samplers)
@@ -164,6 +179,31 @@ class Driver:
                            "resumed_at_step": self.step})
         print(f"srum: run '{cfg.run.name}' -> {self.run_dir} (ray: {ray.get_runtime_context().gcs_address})",
               flush=True)
+
+    def _resume(self, info: dict[str, Any]) -> None:
+        """Continue where the checkpoint the learner resumed from left off: step, version, data cursor and
+        counters; say so loudly when an earlier run left outputs here but no checkpoint."""
+        self.step = self.start_step = info["step"]
+        self.policy_version = info["policy_version"]
+        service = info.get("service") or {}
+        if "prompts" in service:
+            self.prompts.restore(service["prompts"])
+        self.counts.update(service.get("counts", {}))
+        if "buffer" in service:
+            self.buffer.restore(service["buffer"])
+            # images that were being scored when that checkpoint was taken are gone with that driver
+            self.buffer.record_drop(DropReason.SHUTDOWN, max(0, self.counts["images"] - self.buffer.stats()["generated"]))
+        if info.get("resumed_from"):
+            print(f"srum: resumed from {info['resumed_from']} at step {self.step}", flush=True)
+        elif self.earlier_steps:
+            msg = (f"srum: WARNING: {self.run_dir} holds an earlier run ({self.earlier_steps} learner steps in "
+                   "metrics.jsonl) but no checkpoint: starting from step 0 (use another run.name for a fresh run)")
+            print(msg, flush=True)
+            log.warning(msg)
+
+    def _service_state(self) -> dict[str, Any]:
+        """What a resumed driver needs, stored with the learner's checkpoints: the data cursor, the counters."""
+        return {"prompts": self.prompts.state(), "counts": dict(self.counts), "buffer": self.buffer.counters()}
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
@@ -193,6 +233,9 @@ class Driver:
 
     def _turn(self) -> None:
         self._check_budget()
+        for pool in (self.samplers, self.scorers):
+            for actor_id in pool.probe():
+                self._on_dead(pool, actor_id)
         if not self.draining:
             self._apply_control()
             self._submit_samples()
@@ -234,7 +277,8 @@ class Driver:
 
     def _submit_samples(self) -> None:
         n = self.cfg.cluster.sample_batch_size
-        while self._in_flight_batches() < self.cfg.cluster.max_in_flight_batches:
+        cap = self.breaker.allowed_in_flight(self.cfg.cluster.max_in_flight_batches)  # 0 during a judge outage
+        while self._in_flight_batches() < cap:
             member = self.samplers.pick()
             if member is None:
                 return
@@ -254,7 +298,11 @@ class Driver:
             self.pending[summary_ref] = ScoreJob(member.actor_id, header, tensor_refs)
 
     def _submit_learner(self) -> None:
-        if any(isinstance(j, LearnJob | EvalJob) for j in self.pending.values()):
+        if any(isinstance(j, LearnJob | EvalJob | LearnerProbeJob) for j in self.pending.values()):
+            return
+        if self.learner_down_since is not None:  # Ray is restarting it: ask whether it is back, now and then
+            if time.monotonic() >= self.next_learner_probe:
+                self.pending[self.learner.info.remote()] = LearnerProbeJob()
             return
         every = self.cfg.run.eval_every
         if every and self.step // every > (self.last_eval_step or 0) // every:
@@ -268,7 +316,7 @@ class Driver:
         batches = [self.buffer.sample(bs, self.policy_version, min_n=bs) for _ in range(n_steps)]
         batches = [b for b in batches if b]  # stale eviction may leave fewer full batches than counted
         if batches:
-            self.pending[self.learner.train.remote(batches)] = LearnJob(sum(map(len, batches)))
+            self.pending[self.learner.train.remote(batches, self._service_state())] = LearnJob(sum(map(len, batches)))
 
     # ------------------------------------------------------------------ completions
     def _handle(self, ref: Any, job: Job) -> None:
@@ -282,16 +330,21 @@ class Driver:
             case EvalJob():
                 try:
                     self._on_eval(ray.get(ref))
+                except ray.exceptions.RayActorError as exc:
+                    self._learner_lost(exc)
                 except ray.exceptions.RayError as exc:
                     log.warning("held-out evaluation failed (%s)", type(exc).__name__)
+            case LearnerProbeJob():
+                self._on_learner_probe(ref)
 
     def _on_sample(self, ref: Any, actor_id: str, batch_ref: Any) -> None:
         try:
             header: SampleHeader = ray.get(ref)
         except ray.exceptions.RayError as exc:
             self.counts["sampler_failures"] += 1
-            log.warning("sampler %s failed a batch (%s); it restarts and re-syncs", actor_id, type(exc).__name__)
-            self.samplers.finished(actor_id, failed=True)
+            log.warning("sampler %s failed a batch (%s)", actor_id, type(exc).__name__)
+            if self.samplers.finished(actor_id, error=exc):
+                self._on_dead(self.samplers, actor_id)
             return
         self.samplers.finished(actor_id)
         self.counts["images"] += header.n
@@ -308,11 +361,13 @@ class Driver:
             log.warning("scorer %s failed a batch of %d (%s): counted as dropped", job.actor_id, job.header.n,
                         type(exc).__name__)
             self.buffer.record_drop(DropReason.SCORER_FAILED, job.header.n)
-            self.scorers.finished(job.actor_id, failed=True)
+            if self.scorers.finished(job.actor_id, error=exc):
+                self._on_dead(self.scorers, job.actor_id)
             return
         self.scorers.finished(job.actor_id)
         self.buffer.add([TrainSample(rec, None if rec.dropped else tref)
                          for rec, tref in zip(summary.records, job.tensors, strict=True)])
+        self.breaker.observe(rec.drop_reason == DropReason.JUDGE_FAILED for rec in summary.records)
         self.judge_counters[job.actor_id] = summary.judge
         if summary.preview is not None:
             p = summary.preview
@@ -322,10 +377,12 @@ class Driver:
         try:
             result: LearnResult = ray.get(ref)
         except ray.exceptions.RayError as exc:
-            self.counts["learner_failures"] += 1
             self.buffer.mark_lost(job.samples)  # drawn, never trained: accounted, not silently "trained"
-            log.warning("learner failed (%s); Ray restarts it and it resumes from the latest checkpoint",
-                        type(exc).__name__)
+            if isinstance(exc, ray.exceptions.RayActorError):
+                self._learner_lost(exc)
+                return
+            self.counts["learner_failures"] += 1  # an error inside train() (the actor lives)
+            log.warning("learner step failed: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             limit = self.cfg.cluster.max_restarts
             if limit >= 0 and self.counts["learner_failures"] > limit + 1:
                 self.request_stop("learner failed repeatedly")
@@ -335,10 +392,69 @@ class Driver:
         for stats in result.steps:
             self.step = int(stats["step"])
             self.policy_version = int(stats["policy_version"])
+            self.step_samples[self.step] = int(stats["samples"])
             self.last_train = stats
             self.reporter.log({"kind": "train", **stats})
         if self.step - self.last_refresh_step >= self.cfg.run.refresh_every:
             self._refresh_outputs()
+
+    # ------------------------------------------------------------------ failures
+    def _learner_lost(self, exc: BaseException) -> None:
+        """The learner's process is gone: Ray restarts it (a state, not a failure) or it is dead for good."""
+        if isinstance(exc, ray.exceptions.ActorDiedError):
+            self.request_stop("learner died and Ray will not restart it (cluster.max_restarts exhausted)")
+            return
+        if self.learner_down_since is None:
+            self.learner_down_since = time.monotonic()
+            log.warning("the learner is restarting; it resumes from its latest checkpoint (waiting up to %.0f s)",
+                        self.cfg.cluster.learner_restart_timeout_s)
+
+    def _on_learner_probe(self, ref: Any) -> None:
+        try:
+            info = ray.get(ref)
+        except ray.exceptions.ActorUnavailableError:  # still restarting
+            waited = time.monotonic() - self.learner_down_since
+            if waited > self.cfg.cluster.learner_restart_timeout_s:
+                self.request_stop(f"learner did not come back within cluster.learner_restart_timeout_s "
+                                  f"({waited:.0f} s)")
+            self.next_learner_probe = time.monotonic() + PROBE_EVERY_S
+            return
+        except ray.exceptions.RayActorError as exc:
+            self.learner_down_since = None
+            self._learner_lost(exc)
+            return
+        self._rolled_back(info)
+
+    def _rolled_back(self, info: dict[str, Any]) -> None:
+        """The restarted learner resumed at ``info["step"]``: the steps after it are undone once, and their
+        samples leave the trained count (dropped as ``rolled_back``)."""
+        to, was = info["step"], self.step
+        undone = [s for s in self.step_samples if s > to]
+        samples = sum(self.step_samples.pop(s) for s in undone)
+        if samples:
+            self.buffer.mark_lost(samples, DropReason.ROLLED_BACK)
+        self.step, self.policy_version = to, info["policy_version"]
+        self.counts["learner_restarts"] += 1
+        down = time.monotonic() - self.learner_down_since
+        self.learner_down_since = None
+        self.reporter.log({"kind": "rollback", "from_step": was, "to_step": to, "samples": samples,
+                           "down_s": down, "resumed_from": info.get("resumed_from")})
+        print(f"\nsrum: the learner is back after {down:.0f} s at step {to} (it was at step {was}; {samples} "
+              "trained samples rolled back)", flush=True)
+
+    def _on_dead(self, pool: ActorPool, actor_id: str) -> None:
+        """An actor Ray will not restart: counted once; the controller's count follows; no actor left stops."""
+        self.counts[f"{pool.role}_dead"] += 1
+        self.lags.pop(actor_id, None)
+        self.sampler_versions.pop(actor_id, None)
+        self.reporter.log({"kind": "actor_dead", "role": pool.role, "actor": actor_id})
+        if pool.size() == 0:
+            self.request_stop(f"no live {pool.role} left (the last one died and Ray will not restart it)")
+            return
+        try:
+            ray.get(self.controller.scale.remote(**{f"{pool.role}s": pool.size()}))
+        except ray.exceptions.RayTaskError as exc:  # e.g. the job is stopping: nothing to follow
+            log.info("controller did not take the new %s count: %s", pool.role, exc)
 
     def _on_eval(self, result: dict[str, Any]) -> None:
         self.last_eval_step = result["step"]
@@ -363,6 +479,9 @@ class Driver:
             "lags": dict(self.lags), "sampler_versions": dict(self.sampler_versions),
             "max_lag": max(self.lags.values(), default=0),
             "judge": self.judge_counters, "judge_failed": buf["dropped"].get(DropReason.JUDGE_FAILED.value, 0),
+            "judge_outage": {"pauses": self.breaker.pauses, "paused_s": self.breaker.paused_seconds,
+                             "paused": self.breaker.paused()},
+            "learner_restarting": self.learner_down_since is not None,
             "num_samplers": self.samplers.size(), "num_scorers": self.scorers.size(),
             "counts": dict(self.counts), "stop_reason": self.stop_reason, "heldout": self.last_eval,
         }
@@ -375,6 +494,17 @@ class Driver:
         status = self.status()
         self.controller.set_status.remote(status)
         self.reporter.show(status, force=force)
+
+    def _learner_call(self, method: str) -> Any:
+        """``learner.<method>()``, waiting (up to ``cluster.learner_restart_timeout_s``) while it restarts."""
+        deadline = time.monotonic() + self.cfg.cluster.learner_restart_timeout_s
+        while True:
+            try:
+                return ray.get(getattr(self.learner, method).remote())
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(PROBE_EVERY_S)
 
     def _refresh_outputs(self) -> None:
         self.last_refresh_step = self.step
@@ -391,10 +521,14 @@ class Driver:
         if lost:  # generated, but the drain time ran out before they were scored
             self.buffer.record_drop(DropReason.SHUTDOWN, lost)
         self.buffer.release()
-        if self.cfg.run.eval_every and self.last_eval_step != self.step:
-            self._on_eval(ray.get(self.learner.evaluate.remote()))
-        final = ray.get(self.learner.stop.remote())
-        self.step = final["step"]
+        try:
+            if self.cfg.run.eval_every and self.last_eval_step != self.step:
+                self._on_eval(self._learner_call("evaluate"))
+            final = self._learner_call("stop")  # the final checkpoint
+            self.step = final["step"]
+        except ray.exceptions.RayError as exc:  # the outputs below are written anyway
+            log.error("the learner could not write its final checkpoint: %s", exc)
+            final = {"step": self.step, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
         status = self.status()
         status["learner"] = final
         status["invariant_ok"] = bool(status["buffer"]["invariant_ok"])

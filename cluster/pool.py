@@ -1,6 +1,13 @@
 """A scalable pool of same-kind actors: least-in-flight dispatch, scale up, and scale down by draining
 (a removed actor takes no new work; once its in-flight calls have finished it is asked to stop, and it is
-killed when ``stop()`` returned or after :data:`STOP_GRACE_S`, without blocking the driver's loop)."""
+killed when ``stop()`` returned or after :data:`STOP_GRACE_S`, without blocking the driver's loop).
+
+Failures (:meth:`ActorPool.finished` with the error): an actor Ray is restarting
+(``ActorUnavailableError``) takes no work until a ``ping`` answers (probed every :data:`PROBE_EVERY_S`);
+one whose restarts are exhausted (``ActorDiedError``) is removed from the pool, once; any other failure
+(an error raised inside the call) backs the actor off for a while that doubles with each consecutive
+failure (at most :data:`MAX_BACKOFF_S`). So a broken or dead actor never turns the loop into a spin of
+failing calls."""
 
 from __future__ import annotations
 
@@ -15,6 +22,8 @@ import ray
 log = logging.getLogger("srum.pool")
 
 STOP_GRACE_S = 30.0  # how long a retired actor's stop() may take before it is killed anyway
+PROBE_EVERY_S = 1.0  # how often an actor that Ray is restarting is pinged
+MAX_BACKOFF_S = 30.0  # the longest pause of an actor whose calls keep failing
 
 
 @dataclass
@@ -25,6 +34,10 @@ class Member:
     draining: bool = False
     calls: int = 0
     failures: int = 0
+    consecutive_failures: int = 0
+    ready_at: float = 0.0  # takes no work before this (monotonic) time: backing off after failures
+    restarting: bool = False  # Ray is restarting it: no work until a ping answers
+    probe_ref: Any = None  # the pending ping of a restarting member
     stop_ref: Any = None  # the pending stop() of a retired member
     stop_deadline: float = 0.0
 
@@ -40,6 +53,7 @@ class ActorPool:
         self.max_in_flight_per_actor = max_in_flight_per_actor
         self.members: dict[str, Member] = {}
         self._next_index = 0
+        self.dead = 0  # members removed because Ray would not restart them
 
     @property
     def active(self) -> list[Member]:
@@ -70,20 +84,68 @@ class ActorPool:
         return added, draining
 
     def pick(self) -> Member | None:
-        candidates = [m for m in self.active if m.in_flight < self.max_in_flight_per_actor]
+        now = time.monotonic()
+        candidates = [m for m in self.active if m.in_flight < self.max_in_flight_per_actor and not m.restarting
+                      and m.ready_at <= now]
         return min(candidates, key=lambda m: (m.in_flight, m.calls), default=None)
 
     def started(self, member: Member) -> None:
         member.in_flight += 1
         member.calls += 1
 
-    def finished(self, actor_id: str, failed: bool = False) -> None:
+    def finished(self, actor_id: str, error: BaseException | None = None) -> bool:
+        """A call of ``actor_id`` ended (``error``: how it failed). Returns True when the actor is dead for
+        good and was removed from the pool."""
         member = self.members.get(actor_id)
         if member is None:
-            return
+            return False
         member.in_flight = max(0, member.in_flight - 1)
-        member.failures += int(failed)
+        if error is None:
+            member.consecutive_failures = 0
+        else:
+            member.failures += 1
+            member.consecutive_failures += 1
+            if isinstance(error, ray.exceptions.ActorDiedError):
+                return self._remove_dead(member, error)
+            if isinstance(error, ray.exceptions.ActorUnavailableError):
+                member.restarting = True
+            else:
+                member.ready_at = time.monotonic() + min(MAX_BACKOFF_S, 0.5 * 2 ** (member.consecutive_failures - 1))
         self.reap()
+        return False
+
+    def probe(self) -> list[str]:
+        """Ping restarting members (never blocks): one that answers takes work again, one found dead is
+        removed. Returns the ids removed."""
+        dead = []
+        for m in list(self.members.values()):
+            if not m.restarting:
+                continue
+            if m.probe_ref is None:
+                if m.ready_at <= time.monotonic():
+                    m.probe_ref = m.handle.ping.remote()
+                continue
+            ready, _ = ray.wait([m.probe_ref], timeout=0)
+            if not ready:
+                continue
+            try:
+                ray.get(ready[0])
+                m.restarting, m.consecutive_failures = False, 0
+                log.info("%s is back after a restart", m.actor_id)
+            except ray.exceptions.ActorDiedError as exc:
+                self._remove_dead(m, exc)
+                dead.append(m.actor_id)
+            except ray.exceptions.RayError:  # still restarting
+                m.ready_at = time.monotonic() + PROBE_EVERY_S
+            m.probe_ref = None
+        return dead
+
+    def _remove_dead(self, member: Member, error: BaseException) -> bool:
+        log.error("%s is dead and Ray will not restart it (cluster.max_restarts exhausted): removed from the %s "
+                  "pool (%s)", member.actor_id, self.role, str(error).splitlines()[0] if str(error) else type(error))
+        self.members.pop(member.actor_id, None)
+        self.dead += 1
+        return True
 
     def reap(self) -> list[str]:
         """Retire drained members whose in-flight work has finished (never blocks); returns the ids killed."""

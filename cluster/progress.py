@@ -124,7 +124,9 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    rows = [r for r in records if r.get("kind") == "train"]
+    # after a learner restart the rolled-back steps are trained again: each step's last record counts
+    last = {r["step"]: r for r in records if r.get("kind") == "train" and "step" in r}
+    rows = [last[k] for k in sorted(last)]
     if not rows:
         return None
     evals = [r for r in records if r.get("kind") == "eval"]

@@ -22,10 +22,11 @@ Precedence rules decided here (documented on the fields as well):
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, ClassVar, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 __all__ = [
     "DEFAULT_PROMPTS_PATH", "ClusterConfig", "ComponentsRegionsConfig", "DiffusersPolicyConfig",
@@ -36,22 +37,36 @@ __all__ = [
 
 DEFAULT_PROMPTS_PATH = "configs/prompts/default.txt"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+MAX_ACTORS = 256  # per role: the most samplers or scorers a run (and `srum scale`) may ask for
+RUN_NAME_PATTERN = r"^[A-Za-z0-9._-]+$"  # one path component (and not "." or "..", checked on the field)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # floats must be finite (inf / nan fail here, with the key, not later at run time); booleans given
+    # for numbers are refused by the loader (core.config_io), which names the key
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------- run
 class RunConfig(_Section):
-    name: str = Field("srum", min_length=1, description="Run name; used in the output folder and metrics.")
-    output_dir: str = Field("runs", min_length=1, description="Folder that holds run outputs (checkpoints, metrics, gallery).")
+    name: str = Field("srum", min_length=1, max_length=128,
+                      description="Run name: one folder name (letters, digits, '.', '_', '-'), used for outputs and metrics.")
+    output_dir: str = Field("runs", min_length=1, description="Storage for run outputs (checkpoints, metrics, gallery); made absolute by the driver before any actor starts (relative = to the launch dir, or $SRUM_STORAGE / ~/srum-runs under `ray job submit`); must be shared storage on a multi-node cluster.")
     seed: int = Field(0, ge=0, description="Base random seed for prompts, noise and timesteps.")
     max_steps: int = Field(200, ge=1, description="Budget: stop after this many learner steps.")
     max_seconds: float | None = Field(None, gt=0, description="Budget: stop after this many wall-clock seconds (null = no limit).")
     refresh_every: int = Field(20, ge=1, description="Rewrite curves.png and gallery.html every N learner steps (and at the end).")
     eval_every: int = Field(0, ge=0, description="Held-out evaluation every N learner steps, plus at start and end (0 = off; needs a world with an evaluator).")
     eval_seeds: int = Field(2, ge=1, description="Images per held-out prompt in each evaluation.")
+
+    @field_validator("name")
+    @classmethod
+    def _one_component(cls, v: str) -> str:
+        if not re.fullmatch(RUN_NAME_PATTERN, v):
+            raise ValueError("must be one folder name (letters, digits, '.', '_', '-'; no '/'), kept inside run.output_dir")
+        if v in (".", ".."):
+            raise ValueError("must name a folder inside run.output_dir, not '.' or '..'")
+        return v
 
 
 # ------------------------------------------------------------------------------------------ policy
@@ -141,12 +156,20 @@ class OpenAIJudgeConfig(_JudgeBase):
         json_schema_extra={"allowed": "list of distinct http(s) URLs, e.g. ['http://127.0.0.1:8000/v1']"},
     )
     model: str = Field("tiny-vlm", min_length=1, description="Model name sent to the server (served-model-name).")
-    api_key: str = Field("EMPTY", description="API key sent to the server ('EMPTY' for a local vLLM).")
+    api_key: SecretStr = Field(SecretStr("EMPTY"), description="API key sent to the server ('EMPTY' for a local vLLM); never written to disk (redacted in the saved config).")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="Environment variable that holds the API key; when set in the environment it wins over api_key (null = use api_key).")
     timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
     max_retries: int = Field(3, ge=0, description="Retries on connection errors and 5xx (4xx is never retried).")
     backoff_s: float = Field(0.5, ge=0, description="Base of the exponential backoff between retries, seconds.")
     max_in_flight_per_endpoint: int = Field(16, ge=1, description="Cap on concurrent requests per endpoint (the backpressure).")
     health_check: bool = Field(True, description="Check each endpoint (GET /v1/models: up, and serving `model`) before use.")
+
+    def api_key_value(self) -> str:
+        """The key to send: ``$api_key_env`` when that variable is set, else ``api_key``."""
+        import os
+
+        from_env = os.environ.get(self.api_key_env) if self.api_key_env else None
+        return from_env if from_env else self.api_key.get_secret_value()
 
     @field_validator("endpoints")
     @classmethod
@@ -278,6 +301,7 @@ class LearnerConfig(_Section):
     batch_size: int = Field(4, ge=1, description="Samples per learner step.")
     sync_every: int = Field(1, ge=1, description="Publish weights to samplers every N learner steps.")
     checkpoint_every: int = Field(100, ge=0, description="Save a checkpoint every N steps (0 = only the final one).")
+    keep_checkpoints: int = Field(3, ge=0, description="Keep the newest N complete checkpoints, prune older ones (0 = keep all).")
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="Autocast for the train step ('auto' = bf16 on CUDA, none on CPU).")
 
 
@@ -297,8 +321,8 @@ class PromptSourceConfig(_Section):
 
 class ClusterConfig(_Section):
     address: str | None = Field(None, description="Ray address ('auto' or host:port); null = start a local Ray.")
-    num_samplers: int = Field(1, ge=1, description="Sampler actors (generation).")
-    num_scorers: int = Field(1, ge=1, description="Scorer actors (regions + judge + reward map).")
+    num_samplers: int = Field(1, ge=1, le=MAX_ACTORS, description="Sampler actors (generation).")
+    num_scorers: int = Field(1, ge=1, le=MAX_ACTORS, description="Scorer actors (regions + judge + reward map).")
     sampler_resources: ResourceConfig = Field(default_factory=ResourceConfig, description="Ray resources per sampler actor.")
     scorer_resources: ResourceConfig = Field(default_factory=ResourceConfig, description="Ray resources per scorer actor.")
     learner_resources: ResourceConfig = Field(default_factory=ResourceConfig, description="Ray resources of the learner actor.")
@@ -311,6 +335,9 @@ class ClusterConfig(_Section):
     scorer_calls_in_flight: int = Field(4, ge=1, description="Score calls in flight per scorer actor (its batches are judged concurrently).")
     scorer_concurrency: int = Field(8, ge=1, description="Ray max_concurrency of each async scorer actor (bounds its concurrent calls).")
     drain_timeout_s: float = Field(60.0, gt=0, description="At stop: how long in-flight sample/score work may take before it is counted as lost.")
+    learner_restart_timeout_s: float = Field(600.0, gt=0, description="How long the driver waits for a crashed learner to come back (Ray restarts it from its latest checkpoint) before it stops the run.")
+    judge_outage_failure_rate: float = Field(0.5, gt=0, le=1, description="Pause sampling when at least this share of the recent scored samples failed in the judge (1 = only when all failed).")
+    judge_outage_pause_s: float = Field(5.0, gt=0, description="First pause of sampling during a judge outage; doubles while it lasts (at most 60 s), one probe batch between pauses.")
     max_restarts: int = Field(3, ge=-1, description="Ray actor restarts on failure (-1 = unlimited).")
     prompts: PromptSourceConfig = Field(default_factory=PromptSourceConfig, description="Prompt source.")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Ray metrics export port (null = Ray's choice).")

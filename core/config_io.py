@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_ori
 
 import annotated_types as at
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from core.config import SRUMConfig
 
@@ -169,15 +169,30 @@ def _unknown_key(model: type[BaseModel], prefix: str, key: Any, owner_info: Any 
     return msg + f" (allowed at {_where(model, prefix, owner_info)}: {', '.join(allowed)})"
 
 
+def _numeric(annotation: Any) -> bool:
+    """Whether a field holds an int or a float (possibly optional or constrained), not a bool."""
+    if get_origin(annotation) is Annotated:
+        return _numeric(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType):
+        return any(_numeric(a) for a in get_args(annotation) if a is not type(None))
+    return annotation in (int, float)
+
+
 def _check_keys(model: type[BaseModel], data: dict[str, Any], prefix: str, errors: list[str],
                 owner_info: Any = None) -> None:
-    """Report (and remove) unknown keys, recursing into sections; null sections become {}."""
+    """Report (and remove) unknown keys and booleans given for numbers (pydantic would read ``true`` as
+    1: ``run.max_steps=true``), recursing into sections; null sections become {}."""
     for key in list(data):
         if key not in model.model_fields:
             errors.append(_unknown_key(model, prefix, key, owner_info))
             del data[key]
             continue
         info = model.model_fields[key]
+        if isinstance(data[key], bool) and _numeric(info.annotation):
+            errors.append(f"{prefix + '.' if prefix else ''}{key}: must be a number, got the boolean "
+                          f"{str(data[key]).lower()} (allowed: {_allowed_text(info)})")
+            del data[key]
+            continue
         if data[key] is None and section_model(info) is not None:
             data[key] = {}  # `learner:` with everything below commented out means "defaults"
         section = section_model(info, data[key])
@@ -223,7 +238,7 @@ def _resolve(parts: Sequence[str | int], data: Any = None) -> tuple[list[str | i
 def _parse_value(raw: str, info: Any) -> Any:
     """Parse an override value as YAML; plain-string fields keep the raw text (so `run.name=123` works)."""
     inner, optional = _unwrap_optional(info.annotation)
-    if inner is str:
+    if inner in (str, SecretStr):
         if optional and raw.strip() in ("null", "Null", "NULL", "~"):
             return None
         return raw
@@ -466,7 +481,7 @@ def format_config_help(docs: Sequence[FieldDoc] | None = None) -> str:
     for section, items in groups.items():
         lines.append(f"[{section}]")
         for d in items:
-            default = json.dumps(list(d.default) if isinstance(d.default, tuple) else d.default)
+            default = json.dumps(list(d.default) if isinstance(d.default, tuple) else d.default, default=str)
             lines.append(f"  {d.key} = {default}    ({d.allowed})\n      {d.description}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections import deque
+import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +34,7 @@ Format = Literal["auto", "txt", "t2i_compbench", "geneval"]
 FORMATS: tuple[str, ...] = ("auto", "txt", "t2i_compbench", "geneval")
 EXTENSIONS: dict[str, str] = {".txt": "txt", ".json": "t2i_compbench", ".jsonl": "geneval"}
 REPO_ROOT = Path(__file__).resolve().parents[1]
+MAX_PROMPT_CHARS = 2_000  # longer is no prompt (text encoders read at most a few hundred tokens)
 
 
 class PromptSourceError(ValueError):
@@ -101,8 +102,19 @@ def _parse_txt(path: Path, text: str) -> list[PromptRecord]:
     for lineno, line in enumerate(text.splitlines(), start=1):
         s = line.strip()
         if s and not s.startswith("#"):
-            records.append(PromptRecord(id=str(lineno), text=s))
+            records.append(PromptRecord(id=str(lineno), text=_checked(path, s, f"line {lineno}")))
     return records
+
+
+def _checked(path: Path, text: str, where: str) -> str:
+    """A prompt as given, or an error naming where it is: control characters (a NUL byte is a binary
+    file, not a prompt) and prompts over :data:`MAX_PROMPT_CHARS` are refused, never cut or cleaned."""
+    bad = next((c for c in text if unicodedata.category(c) == "Cc" and c != "\t"), None)
+    if bad is not None:
+        raise PromptSourceError(path, f"{where}: control character U+{ord(bad):04X} in the prompt")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise PromptSourceError(path, f"{where}: prompt of {len(text)} characters (at most {MAX_PROMPT_CHARS})")
+    return text
 
 
 def _prompt_text(path: Path, value: Any, where: str, field: str) -> str:
@@ -111,7 +123,7 @@ def _prompt_text(path: Path, value: Any, where: str, field: str) -> str:
     text = value.strip()
     if not text:
         raise PromptSourceError(path, f"{where}: empty prompt in field {field!r}")
-    return text
+    return _checked(path, text, where)
 
 
 def _category(path: Path, value: Any, where: str, field: str) -> str | None:
@@ -250,26 +262,47 @@ def load_prompt_source(source: Any, base_dirs: Sequence[str | Path] | None = Non
 
 class PromptCycler:
     """Endless walk over a prompt set, in a fresh seeded order each epoch (file order when ``shuffle`` is
-    off), with a unique generation seed per image (``seed * 1_000_003`` onwards)."""
+    off), with a unique generation seed per image (``seed * 1_000_003`` onwards).
+
+    Each epoch's order is a function of ``(seed, epoch)`` alone, so the whole position in the stream is
+    three numbers (:meth:`state`): a resumed run continues the stream (:meth:`restore`) instead of
+    replaying it."""
 
     def __init__(self, prompts: Sequence[PromptRecord], seed: int, shuffle: bool = True):
         if not prompts:
             raise ValueError("PromptCycler needs at least one prompt")
-        self.prompts, self.shuffle = list(prompts), shuffle
-        self.rng = random.Random(seed)
-        self.order: deque[PromptRecord] = deque()
-        self.counter = seed * 1_000_003
+        self.prompts, self.seed, self.shuffle = list(prompts), seed, shuffle
+        self.epoch, self.position, self.counter = 0, 0, seed * 1_000_003
+        self.order = self._order(0)
+
+    def _order(self, epoch: int) -> list[PromptRecord]:
+        order = list(self.prompts)
+        if self.shuffle:
+            random.Random(f"srum-prompts-{self.seed}-{epoch}").shuffle(order)
+        return order
 
     def take(self, n: int) -> tuple[list[PromptRecord], list[int]]:
         """The next ``n`` prompts and their seeds."""
         out = []
         while len(out) < n:
-            if not self.order:
-                epoch = list(self.prompts)
-                if self.shuffle:
-                    self.rng.shuffle(epoch)
-                self.order.extend(epoch)
-            out.append(self.order.popleft())
+            if self.position >= len(self.order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self.order = self._order(self.epoch)
+            out.append(self.order[self.position])
+            self.position += 1
         seeds = list(range(self.counter, self.counter + n))
         self.counter += n
         return out, seeds
+
+    def state(self) -> dict[str, int]:
+        """Where the walk stands (JSON data)."""
+        return {"epoch": self.epoch, "position": self.position, "counter": self.counter,
+                "prompts": len(self.prompts)}
+
+    def restore(self, state: dict[str, int]) -> None:
+        """Continue from :meth:`state`; a prompt set of another size cannot continue a walk (ValueError)."""
+        if state.get("prompts") != len(self.prompts):
+            raise ValueError(f"the saved prompt walk is over {state.get('prompts')} prompts, this set has "
+                             f"{len(self.prompts)}: the prompt source changed since the checkpoint")
+        self.epoch, self.position, self.counter = int(state["epoch"]), int(state["position"]), int(state["counter"])
+        self.order = self._order(self.epoch)

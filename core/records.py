@@ -53,7 +53,8 @@ class DropReason(StrEnum):
     STALE = "stale"  # older than cluster.max_staleness learner versions
     EVICTED = "evicted"  # buffer overflow (oldest first)
     DUPLICATE = "duplicate"  # a sample id seen before
-    LOST = "lost"  # drawn for training but its tensors could not be fetched (object lost)
+    LOST = "lost"  # drawn for training but never trained (its tensors were lost, or the learner failed the call)
+    ROLLED_BACK = "rolled_back"  # trained, but the learner restarted from a checkpoint before that step
     RELEASED = "released"  # still in the buffer when the run ended
     SHUTDOWN = "shutdown"  # generated but still being scored when the run's drain time ran out
 

@@ -101,6 +101,7 @@ class Learner:
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.step = 0
         self.skipped_steps = 0
+        self.resumed_service: dict[str, Any] | None = None  # service data of the checkpoint resumed from
 
     # -------------------------------------------------------------------------------- training
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -215,14 +216,21 @@ class Learner:
         except (ValueError, KeyError, RuntimeError, TypeError) as exc:
             raise CheckpointError(f"{source} does not fit this learner: {exc}") from exc
 
-    def checkpoint(self, root: str | Path) -> Path:
-        """Save :meth:`state_dict` under ``root`` (see :mod:`learner.checkpoint`); returns the step dir."""
-        return save_checkpoint(root, self.state_dict())
+    def checkpoint(self, root: str | Path, service: Mapping[str, Any] | None = None) -> Path:
+        """Save :meth:`state_dict` under ``root`` (see :mod:`learner.checkpoint`), keeping the newest
+        ``learner.keep_checkpoints``; ``service`` (JSON data, e.g. the driver's data cursor) is stored with
+        it. Returns the step dir."""
+        state = self.state_dict()
+        if service is not None:
+            state["meta"]["service"] = dict(service)
+        return save_checkpoint(root, state, keep=self.cfg.keep_checkpoints)
 
     def resume(self, root: str | Path, allow_config_change: bool = False, verify: bool = True) -> Path:
-        """Restore the latest checkpoint under ``root`` (or a step dir); returns the step dir."""
+        """Restore the latest complete checkpoint under ``root`` (or a step dir); returns the step dir (its
+        stored service data: :attr:`resumed_service`)."""
         state, step_dir = load_checkpoint(root, verify=verify)
         self.load_state_dict(state, allow_config_change=allow_config_change, source=str(step_dir))
+        self.resumed_service = state["meta"].get("service")
         return step_dir
 
     def _rng_state(self) -> dict[str, Any]:

@@ -166,7 +166,7 @@ class OpenAIJudge(BaseJudge):
         self.pool.rebind()
         self._health_lock = asyncio.Lock()
         for ep in self.pool.endpoints:
-            ep.client = openai.AsyncOpenAI(base_url=ep.url, api_key=self.cfg.api_key, max_retries=0,
+            ep.client = openai.AsyncOpenAI(base_url=ep.url, api_key=self.cfg.api_key_value(), max_retries=0,
                                            timeout=self.cfg.timeout_s)
 
     async def aclose(self) -> None:
@@ -183,7 +183,7 @@ class OpenAIJudge(BaseJudge):
         timeout = min(self.cfg.timeout_s, 10.0)
         async with httpx.AsyncClient(timeout=timeout) as client:
             resp = await client.get(url.rstrip("/") + "/models",
-                                    headers={"Authorization": f"Bearer {self.cfg.api_key}"})
+                                    headers={"Authorization": f"Bearer {self.cfg.api_key_value()}"})
             resp.raise_for_status()
             return [m.get("id") for m in resp.json().get("data", []) if isinstance(m, dict)]
 

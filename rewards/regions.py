@@ -172,9 +172,11 @@ class SamProposer(RegionProposer):
                 if cfg.model_type == "tiny":
                     sam = build_tiny_sam()
                 else:
+                    sam = sam_model_registry[cfg.model_type](checkpoint=None)
                     if cfg.checkpoint is None:
                         log.warning("regions.checkpoint is null: SAM %s has random weights", cfg.model_type)
-                    sam = sam_model_registry[cfg.model_type](checkpoint=cfg.checkpoint)
+                    else:  # weights only: nothing in the file is unpickled beyond tensors
+                        sam.load_state_dict(torch.load(cfg.checkpoint, map_location="cpu", weights_only=True))
                 self._gen = SamAutomaticMaskGenerator(
                     sam.to(self.device).eval(), points_per_side=cfg.points_per_side,
                     pred_iou_thresh=cfg.pred_iou_thresh, stability_score_thresh=cfg.stability_score_thresh)

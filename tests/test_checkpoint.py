@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -190,3 +191,76 @@ def test_srum_config_hash_is_recorded(tmp_path: Path) -> None:
     cfg2 = cfg.model_copy(update={"run": cfg.run.model_copy(update={"max_steps": 5})})
     with pytest.warns(UserWarning, match="outside the training fields"):
         Learner(cfg2, DiffusersPolicy.from_config(cfg.policy)).resume(tmp_path)
+
+
+# ------------------------------------------------------------------------------------ reliability
+def test_resaving_a_step_keeps_the_good_copy_and_an_interrupted_replacement_loses_nothing(tmp_path, monkeypatch):
+    learner = make()
+    learner.train_step(batch(0))
+    first = save_checkpoint(tmp_path, learner.state_dict())
+    learner.train_step(batch(1))
+    second = save_checkpoint(tmp_path, learner.state_dict())
+    stamp = (second / "meta.json").stat().st_mtime_ns
+    assert save_checkpoint(tmp_path, learner.state_dict()) == second  # the final re-save of the same step ...
+    assert (second / "meta.json").stat().st_mtime_ns == stamp  # ... leaves the complete copy alone
+    (second / "rng.pt").write_bytes(b"broken")  # now the copy is broken: a re-save replaces it, new first
+    real_replace, calls = ckpt.os.replace, []
+
+    def crash_on_switch(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the broken copy was moved aside, the new one not yet in: the process dies
+            raise KeyboardInterrupt("killed mid-save")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", crash_on_switch)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, learner.state_dict())
+    monkeypatch.undo()
+    assert find_latest(tmp_path) == first  # latest names a step that is gone: the newest complete one
+    resumed = make()
+    assert load_checkpoint(tmp_path, resumed) == first and resumed.step == 1
+
+
+def test_corrupt_latest_falls_back_to_an_earlier_step_with_a_warning(tmp_path, caplog):
+    learner = make()
+    for i in range(2):
+        learner.train_step(batch(i))
+        save_checkpoint(tmp_path, learner.state_dict())
+    (tmp_path / "step_000002" / "trainable.safetensors").write_bytes(b"torn")
+    with caplog.at_level("WARNING", logger="srum.checkpoint"):
+        assert find_latest(tmp_path) == tmp_path / "step_000001"
+    assert "step_000002" in caplog.text and "newest complete" in caplog.text
+    (tmp_path / "step_000001" / "optimizer.pt").unlink()
+    with pytest.raises(CheckpointError, match="no other complete checkpoint"):
+        find_latest(tmp_path)  # checkpoints, but none usable: never a silent start from scratch
+
+
+def test_latest_must_name_a_step_dir_inside_the_root(tmp_path):
+    learner = make()
+    learner.train_step(batch(0))
+    save_checkpoint(tmp_path / "run", learner.state_dict())
+    outside = tmp_path / "step_000007"
+    shutil.copytree(tmp_path / "run" / "step_000001", outside)
+    (tmp_path / "run" / "latest").write_text("../step_000007\n")
+    assert find_latest(tmp_path / "run") == tmp_path / "run" / "step_000001"  # not followed outside
+
+
+def test_malformed_meta_is_a_checkpoint_error(saved, tmp_path):
+    root = copy_of(saved, tmp_path)
+    meta_path = root / "step_000002" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    for bad in ("2", 2.5, True, None, -1):
+        meta_path.write_text(json.dumps({**meta, "step": bad}))
+        with pytest.raises(CheckpointError, match="step must be an int"):
+            read_meta(root / "step_000002")
+
+
+def test_old_checkpoints_are_pruned(tmp_path):
+    learner = make(keep_checkpoints=2)
+    for i in range(4):
+        learner.train_step(batch(i))
+        learner.checkpoint(tmp_path, service={"prompts": {"epoch": 0}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000003", "step_000004"]
+    resumed = make()
+    resumed.resume(tmp_path)
+    assert resumed.step == 4 and resumed.resumed_service == {"prompts": {"epoch": 0}}

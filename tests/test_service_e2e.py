@@ -7,7 +7,9 @@ One job does the live operations (so the suite pays the start-up cost once); a s
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -79,8 +81,9 @@ def test_job_scale_kill_stop_then_resume(head, tmp_path):
     import ray
 
     # ---- job 1: open-ended budget; we drive it: scale up, kill a sampler, scale down, stop
+    # enough batches in flight that every sampler always has a call queued: a kill always interrupts work
     client, job_id, summary_path = submit(head, tmp_path, "run.max_steps=400", "learner.checkpoint_every=5",
-                                          "cluster.max_staleness=100")
+                                          "cluster.max_staleness=100", "cluster.max_in_flight_batches=8")
     try:
         wait_status(head, lambda s: s["step"] >= 2, (client, job_id))
         assert head.cli("scale", "--samplers", "2", "--scorers", "2").returncode == 0
@@ -88,13 +91,15 @@ def test_job_scale_kill_stop_then_resume(head, tmp_path):
 
         ray.init(address=head.gcs_address, namespace="srum", log_to_driver=False)
         try:
-            victim = ray.get_actor("srum-e2e-sampler-0", namespace="srum")
-            ray.kill(victim, no_restart=False)  # Ray restarts it; it re-syncs weights
+            for name in ("srum-e2e-sampler-0", "srum-e2e-scorer-1"):  # Ray restarts them; samplers re-sync
+                ray.kill(ray.get_actor(name, namespace="srum"), no_restart=False)
         finally:
             ray.shutdown()
         before = wait_status(head, lambda s: True)["step"]
         after = wait_status(head, lambda s: s["step"] >= before + 3 and s["counts"].get("images", 0) > 0)
-        assert after["step"] >= before + 3  # the loop kept training after losing a sampler
+        assert after["step"] >= before + 3  # the loop kept training after losing a sampler and a scorer
+        # the restarted sampler re-synced: its own version moved past the base again
+        wait_status(head, lambda s: s["sampler_versions"].get("sampler-0", 0) > 0)
 
         assert head.cli("scale", "--samplers", "1").returncode == 0
         wait_status(head, lambda s: s["num_samplers"] == 1)
@@ -116,7 +121,9 @@ def test_job_scale_kill_stop_then_resume(head, tmp_path):
     assert buf["generated"] == buf["trained"] + buf["in_buffer"] + sum(buf["dropped"].values())
     assert buf["trained"] >= summary["step"] * 4 - 4 * 4  # partial batches only at the edges
     assert any(v > 0 for v in summary["sampler_versions"].values()), summary["sampler_versions"]
-    assert summary["counts"].get("sampler_failures", 0) >= 0
+    assert summary["counts"].get("sampler_failures", 0) > 0 and summary["counts"].get("scorer_failures", 0) > 0
+    assert summary["judge_failed"] == buf["dropped"].get("judge_failed", 0)
+    assert summary["counts"]["images"] == buf["generated"]  # every image the samplers returned is accounted for
     assert (run_dir / "checkpoints" / "latest").exists()
     assert (run_dir / "metrics.jsonl").exists() and (run_dir / "gallery.html").exists()
     assert (run_dir / "curves.png").exists()
@@ -147,3 +154,26 @@ def test_job_scale_kill_stop_then_resume(head, tmp_path):
     assert summary2["learner"]["resumed_from"] is not None
     assert summary2["step"] == step1 + 3
     assert summary2["policy_version"] > summary["policy_version"]
+    assert summary2["counts"]["images"] > summary["counts"]["images"]  # the counters resumed too
+
+    # ---- job 3 dies with its driver (SIGKILL); job 4, the same command submitted again, resumes it
+    step2 = summary2["step"]
+    client, job_id, _ = submit(head, tmp_path, "run.max_steps=400", "learner.checkpoint_every=3")
+    try:
+        wait_status(head, lambda s: s["step"] >= step2 + 7, (client, job_id))
+        os.kill(int(client.get_job_info(job_id).driver_info.pid), signal.SIGKILL)
+        state = wait_job(client, job_id, timeout=120)
+    except BaseException:
+        client.stop_job(job_id)
+        raise
+    assert state == "FAILED"
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    checkpointed = int(latest.split("_")[1])
+    assert checkpointed >= step2 + 6  # job 3 checkpointed before it died
+    client, job_id, summary_path = submit(head, tmp_path, f"run.max_steps={checkpointed + 2}")
+    state = wait_job(client, job_id)
+    assert state == "SUCCEEDED", client.get_job_logs(job_id)[-4000:]
+    summary4 = json.loads(summary_path.read_text())
+    starts = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    starts = [e for e in starts if e.get("kind") == "start"]
+    assert starts[-1]["resumed_at_step"] == checkpointed and summary4["step"] == checkpointed + 2
