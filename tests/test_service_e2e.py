@@ -90,9 +90,15 @@ def test_job_scale_kill_stop_then_resume(head, tmp_path):
         wait_status(head, lambda s: s["num_samplers"] == 2 and s["num_scorers"] == 2, (client, job_id))
 
         ray.init(address=head.gcs_address, namespace="srum", log_to_driver=False)
-        try:
-            for name in ("srum-e2e-sampler-0", "srum-e2e-scorer-1"):  # Ray restarts them; samplers re-sync
-                ray.kill(ray.get_actor(name, namespace="srum"), no_restart=False)
+        try:  # Ray restarts them (samplers re-sync); a kill between two calls interrupts nothing: once more
+            for name, role in (("srum-e2e-sampler-0", "sampler"), ("srum-e2e-scorer-0", "scorer")):
+                for _ in range(2):
+                    ray.kill(ray.get_actor(name, namespace="srum"), no_restart=False)
+                    try:
+                        wait_status(head, lambda s, r=role: s["counts"].get(f"{r}_failures", 0) > 0, timeout=30)
+                        break
+                    except pytest.fail.Exception:
+                        continue
         finally:
             ray.shutdown()
         before = wait_status(head, lambda s: True)["step"]
