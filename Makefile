@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps 'nemo-automodel==0.7.0' 'einops>=0.8'  # Bagel's modelling code (pyproject: bagel extra)
 	@touch $(STAMP)
 
 vllm-env:
@@ -37,7 +38,7 @@ bench: setup
 
 # ruff on every package, then the import-linter contracts (pyproject.toml: layers, no cycles in a package)
 lint: setup
-	$(BIN)/ruff check core rewards learner actors cluster shapes srum tests bench
+	$(BIN)/ruff check core rewards learner actors cluster shapes bagel srum tests bench
 	$(BIN)/lint-imports
 
 clean:

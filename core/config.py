@@ -29,7 +29,8 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 __all__ = [
-    "DEFAULT_PROMPTS_PATH", "ClusterConfig", "ComponentsRegionsConfig", "DiffusersPolicyConfig",
+    "DEFAULT_PROMPTS_PATH", "BagelJudgeConfig", "BagelPolicyConfig", "ClusterConfig", "ComponentsRegionsConfig",
+    "DiffusersPolicyConfig",
     "GroundingRegionsConfig", "JudgeConfig", "LearnerConfig", "NoRegionsConfig", "OpenAIJudgeConfig",
     "PolicyConfig", "PromptSourceConfig", "RegionsConfig", "ResourceConfig", "RewardConfig", "RunConfig",
     "SRUMConfig", "SamRegionsConfig", "ShapesJudgeConfig", "ShapesPolicyConfig", "TransformersJudgeConfig",
@@ -135,7 +136,66 @@ class ShapesPolicyConfig(_PolicyBase):
     split_seed: int = Field(0, ge=0, description="Seed of the world's train/held-out prompt split (the one source of both prompt sets).")
 
 
-PolicyConfig = Annotated[DiffusersPolicyConfig | ShapesPolicyConfig, Field(discriminator="kind")]
+BAGEL_LORA_TARGETS = ["q_proj_moe_gen", "k_proj_moe_gen", "v_proj_moe_gen", "o_proj_moe_gen",
+                      "mlp_moe_gen.gate_proj", "mlp_moe_gen.up_proj", "mlp_moe_gen.down_proj"]
+BAGEL_GEN_HEADS = ("vae2llm", "llm2vae", "time_embedder.mlp.0", "time_embedder.mlp.2")
+
+
+class BagelPolicyConfig(_PolicyBase):
+    """Bagel's generation module (bagel/; nemo-automodel's modelling code): a tiny random model or a local
+    checkpoint directory. Only the generation side trains (LoRA on the ``*_moe_gen`` experts, or all of
+    them and the flow head); the understanding experts stay frozen, so a judge built from the same weights
+    is the same understanding module at every policy version."""
+
+    TRAINING_FIELDS: ClassVar[tuple[str, ...]] = (*_PolicyBase.TRAINING_FIELDS, "pretrained", "tiny", "tiny_seed",
+                                                  "dtype")
+
+    kind: Literal["bagel"] = Field("bagel", description="Bagel (BAGEL-7B-MoT) generation experts.")
+    pretrained: str | None = Field(None, description="Local Bagel checkpoint dir (llm_config.json, vit_config.json, ema.safetensors, ae.safetensors, tokenizer); wins over `tiny`.")
+    tiny: bool = Field(True, description="Build a tiny random Bagel from configs when `pretrained` is null.")
+    tiny_seed: int = Field(0, ge=0, description="Seed of the tiny model's weights (the judge's tiny_seed must match).")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weight dtype (trainable tensors stay float32).")
+    lora_rank: int = Field(0, ge=0, description="0 = full training of the generation experts and flow head; >0 = peft LoRA of this rank.")
+    lora_target_modules: list[str] = Field(default_factory=lambda: list(BAGEL_LORA_TARGETS),
+                                           description="Generation-expert module names LoRA attaches to (used when lora_rank > 0).")
+    height: int = Field(64, ge=16, le=1024, description="Generated image height in pixels (multiple of 16).")
+    width: int = Field(64, ge=16, le=1024, description="Generated image width in pixels (multiple of 16).")
+    num_inference_steps: int = Field(8, ge=1, le=1000, description="Sampler Euler steps per image (Bagel's default: 49).")
+    guidance_scale: float = Field(1.0, ge=0, description="Text CFG scale for training samples (<=1 disables; Bagel's inference default: 4.0).")
+    sample_shift: float = Field(3.0, gt=0, description="Timestep shift of the sampler's schedule (Bagel's inference default: 3.0).")
+    cfg_interval: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = Field(
+        (0.4, 1.0), description="CFG applies while lo < t <= hi (Bagel's default: 0.4, 1.0).")
+    cfg_renorm_min: float = Field(0.0, ge=0, le=1, description="Floor of the CFG renormalisation factor (Bagel's default: 0).")
+    cfg_renorm_type: Literal["global", "channel"] = Field("global", description="CFG renormalisation: over each image's tokens or per token.")
+    max_prompt_tokens: int = Field(256, ge=1, description="Prompt tokens kept (longer prompts are cut).")
+    attention: Literal["auto", "sdpa", "flex"] = Field("auto", description="Packed attention kernel: 'auto' = flex on CUDA, sdpa elsewhere.")
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_16(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError("must be a multiple of 16 (VAE factor 8 x latent patch 2)")
+        return v
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _generation_only(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if "_moe_gen" not in t and t not in BAGEL_GEN_HEADS]
+        if bad:
+            raise ValueError(f"{bad} are not generation modules: Bagel trains only the *_moe_gen experts and "
+                             f"{list(BAGEL_GEN_HEADS)} (the understanding experts are the judge and stay frozen)")
+        return v
+
+    @model_validator(mode="after")
+    def _model(self) -> BagelPolicyConfig:
+        if self.pretrained is None and not self.tiny:
+            raise ValueError("no model to build: set pretrained (a local Bagel checkpoint dir) or tiny=true")
+        if self.cfg_interval[0] > self.cfg_interval[1]:
+            raise ValueError(f"cfg_interval {self.cfg_interval}: lo must not exceed hi")
+        return self
+
+
+PolicyConfig = Annotated[DiffusersPolicyConfig | ShapesPolicyConfig | BagelPolicyConfig, Field(discriminator="kind")]
 
 
 # ------------------------------------------------------------------------------------------- judge
@@ -207,7 +267,26 @@ class ShapesJudgeConfig(_JudgeBase):
     mode: Literal["text", "structured", "logprob"] = Field("text", description="How scores are read: parsed text, JSON-schema output, or score-token logprobs.")
 
 
-JudgeConfig = Annotated[OpenAIJudgeConfig | TransformersJudgeConfig | ShapesJudgeConfig,
+class BagelJudgeConfig(_JudgeBase):
+    """Bagel's understanding module in the scorer's process (bagel/): its own copy of the policy's weights."""
+
+    backend: Literal["bagel"] = Field("bagel", description="In-process Bagel understanding (the policy's own model).")
+    pretrained: str | None = Field(None, description="Local Bagel checkpoint dir (the policy's); loaded understanding-only; wins over `tiny`.")
+    tiny: bool = Field(True, description="Build the tiny random Bagel of `tiny_seed` when `pretrained` is null.")
+    tiny_seed: int = Field(0, ge=0, description="Seed of the tiny model (must equal policy.tiny_seed: the same weights).")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="Weight dtype ('auto' = bfloat16 on CUDA, float32 elsewhere).")
+    device: str = Field("auto", min_length=1, description="Torch device; 'auto' = cuda if available else cpu.")
+    attention: Literal["auto", "sdpa", "flex"] = Field("auto", description="Packed attention kernel: 'auto' = flex on CUDA, sdpa elsewhere.")
+    max_request_tokens: int = Field(4096, ge=16, description="Longest request (tokens) the judge accepts; a longer one is an error.")
+
+    @model_validator(mode="after")
+    def _model(self) -> BagelJudgeConfig:
+        if self.pretrained is None and not self.tiny:
+            raise ValueError("backend='bagel' has no model: set pretrained or tiny=true")
+        return self
+
+
+JudgeConfig = Annotated[OpenAIJudgeConfig | TransformersJudgeConfig | ShapesJudgeConfig | BagelJudgeConfig,
                         Field(discriminator="backend")]
 
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from actors.components import Bundle, Components
+from bagel.bundle import BUNDLE as BAGEL
 from core.config import DiffusersPolicyConfig, GroundingRegionsConfig, JudgeConfig, RegionsConfig, SRUMConfig
 from core.config_io import ConfigError
 from learner.base import Policy
@@ -52,7 +53,7 @@ def no_proposer(cfg: object, judge: BaseJudge) -> RegionProposer:
 DIFFUSERS = Bundle("diffusers", policies={"sd3": diffusers_policy, "flux": diffusers_policy})
 JUDGES = Bundle("judges", judges={"openai": OpenAIJudge, "transformers": TransformersJudge},
                 proposers={"sam": sam_proposer, "grounding": grounding_proposer, "none": no_proposer})
-BUNDLES: tuple[Bundle, ...] = (DIFFUSERS, JUDGES, SHAPES)
+BUNDLES: tuple[Bundle, ...] = (DIFFUSERS, JUDGES, SHAPES, BAGEL)
 
 
 def _table(attr: str) -> dict[str, tuple[Bundle, object]]:

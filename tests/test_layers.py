@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("core", "rewards", "learner", "actors", "cluster", "shapes", "srum")
+PACKAGES = ("core", "rewards", "learner", "actors", "cluster", "shapes", "bagel", "srum")
 GENERIC = ("core", "rewards", "learner", "actors", "cluster")
 
 
