@@ -31,17 +31,20 @@ class JudgeServerError(RuntimeError):
 
 
 class JudgeServerLauncher:
-    def __init__(self, command: list[str], port: int, host: str | None = None,
+    def __init__(self, command: list[str], port: int = 0, host: str | None = None, bind: str | None = None,
                  env: dict[str, str | None] | None = None, ready_timeout_s: float = 600.0,
                  monitor_interval_s: float = 2.0, max_restarts: int = 5, log_path: str | None = None,
                  cwd: str | None = None):
-        """`env` is added to this process's environment (a None value removes the variable);
+        """`command` may hold ``{host}`` and ``{port}``, filled in at each start; `port=0` picks a free port on
+        this node at the first start (kept across restarts). `host` is the address in the URL (default: this
+        node's), `bind` the one the server listens on (``{host}``; default: `host`). `env` is added to this process's environment (a None value removes the variable);
         `max_restarts=0` turns the restart monitor off."""
         if not command:
             raise JudgeServerError("empty judge-server command")
         self.command = list(command)
         self.port = port
         self.host = host or _node_ip()
+        self.bind = bind or self.host
         merged = {**os.environ, **(env or {})}
         self.env = {k: v for k, v in merged.items() if v is not None}
         self.cwd = cwd
@@ -78,6 +81,10 @@ class JudgeServerLauncher:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
 
+    def filled_command(self) -> list[str]:
+        """The command with ``{host}`` and ``{port}`` filled in (only those tokens: JSON flags stay as written)."""
+        return [c.replace("{host}", self.bind).replace("{port}", str(self.port)) for c in self.command]
+
     def health(self) -> bool:
         try:
             return httpx.get(f"http://{self.host}:{self.port}/health", timeout=2.0).status_code == 200
@@ -85,8 +92,12 @@ class JudgeServerLauncher:
             return False
 
     def info(self) -> dict[str, Any]:
+        """URL, pid, restarts, ``alive`` (the process runs), ``ready`` (it answers /health) and ``started``
+        (start() was called: False in an actor Ray just restarted)."""
+        alive = self.proc is not None and self.proc.poll() is None
         return {"url": self.url(), "pid": self.proc.pid if self.proc else None, "restarts": self.restarts,
-                "alive": self.proc is not None and self.proc.poll() is None}
+                "alive": alive, "ready": alive and self.health(), "started": self._monitor is not None or alive,
+                "gave_up": self.restarts >= self.max_restarts and not alive}
 
     def stop(self, hard: bool = False) -> dict[str, Any]:
         """Stop the server (SIGTERM, SIGKILL after 15 s; `hard`: SIGKILL at once, as a crash would)."""
@@ -98,19 +109,28 @@ class JudgeServerLauncher:
     def _spawn(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             return
+        if self.port == 0:
+            self.port = free_port(self.bind)
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 - lives with proc
-        log.info("starting judge server: %s", " ".join(self.command))
-        self.proc = subprocess.Popen(self.command, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                     cwd=self.cwd, start_new_session=True)
+        log.info("starting judge server: %s", " ".join(self.filled_command()))
+        self.proc = subprocess.Popen(self.filled_command(), env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                     cwd=self.cwd, start_new_session=True,
+                                     preexec_fn=_die_with_parent if self._long_lived_thread() else None)
         if self.log_path:
             out.close()  # the child holds its own copy
+
+    def _long_lived_thread(self) -> bool:
+        """The kernel's parent-death signal fires when the *thread* that spawned the child exits: only the main
+        thread (Ray runs a launcher actor's calls there) and this launcher's monitor live as long as it does; a
+        server started from any other thread (e.g. ``asyncio.to_thread``) is not tied to it."""
+        return threading.current_thread() in (threading.main_thread(), self._monitor)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise JudgeServerError(f"judge server exited with code {self.proc.returncode} before it was ready "
-                                       f"({' '.join(self.command)}); see {self.log_path or 'its output'}")
+                                       f"({' '.join(self.filled_command())}); see {self.log_path or 'its output'}")
             if self.health():
                 log.info("judge server ready at %s", self.url())
                 return
@@ -150,6 +170,24 @@ class JudgeServerLauncher:
             self.proc.wait(timeout=30)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): SIGTERM when the spawning thread dies (the launcher's main thread or
+    its monitor), so a launcher that Ray kills leaves no orphan server holding the GPU and the port."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (the server binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host if host != "0.0.0.0" else "", 0))
+        return int(sock.getsockname()[1])
 
 
 def _node_ip() -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,16 @@ FETCH_TIMEOUT_S = 60.0  # a sample's tensors that cannot be fetched in this time
 
 @dataclass
 class LearnResult:
-    """What one :meth:`LearnerHost.train` call did: one stats dict per applied step, and how many drawn
-    samples were lost (their tensors could not be fetched; the driver accounts them)."""
+    """What one :meth:`LearnerHost.train` call did: one stats dict per applied step and the ids trained in
+    it, and the ids of drawn samples that were lost (their tensors could not be fetched; the driver
+    accounts them)."""
 
     steps: list[dict[str, Any]]
-    lost: int
+    lost: list[str]
+    published: tuple[int, list[Any]] | None = None
+    """The last version this call published and ``[its object ref]`` (for the driver to push)."""
+    step_ids: list[list[str]] = field(default_factory=list)
+    """Per entry of ``steps``: the sample ids it trained on (to account a rollback)."""
 
 
 class LearnerHost:
@@ -57,6 +62,8 @@ class LearnerHost:
             self.service = self.learner.resumed_service
             log.info("resumed from %s at step %d", self.resumed_from, self.learner.step)
         self._last_published = -1
+        self._published: tuple[int, list[Any]] | None = None
+        self._ack: Any = None  # the store's pending answer to the last publication
         self.publish()
 
     # ------------------------------------------------------------------ weights
@@ -64,20 +71,27 @@ class LearnerHost:
         version, state = self.policy.trainable_state()
         if version != self._last_published:
             # allow_rollback: a restarted learner resumes from a checkpoint older than what it last published
-            seconds = publish_state(self.store, version, state, allow_rollback=True)
-            self.metrics.observe(Metric.WEIGHT_SYNC_TIME, seconds)
+            if self._ack is not None:  # the previous publication's answer (a refused version is a bug: raise)
+                ray.get(self._ack)
+            pub = publish_state(self.store, version, state, allow_rollback=True, wait=False)
+            self._published, self._ack = (version, [pub.payload]), pub.ack
+            self.metrics.observe(Metric.WEIGHT_SYNC_TIME, pub.seconds)
             self.metrics.set(Metric.POLICY_VERSION, version)
             self._last_published = version
         return version
 
     # ------------------------------------------------------------------ training
-    def train(self, batches: Sequence[Sequence[TrainSample]], service: dict[str, Any] | None = None) -> LearnResult:
+    def train(self, batches: Sequence[Sequence[TrainSample]], service: dict[str, Any] | None = None,
+              publish: bool | None = None) -> LearnResult:
         """One learner step per batch (tensors by reference, all fetched at once); ``service`` is the driver's
-        state (data cursor, counters) as of this draw, stored with the next checkpoint."""
+        state (data cursor, counters) as of this draw, stored with the next checkpoint. ``publish``: None =
+        every ``learner.sync_every`` steps; True = once, after the last step (rounds mode's end of a pool);
+        False = not in this call."""
         if service is not None:
             self.service = service
         fetched, lost = _fetch([s for b in batches for s in b])
-        out = []
+        self._published = None
+        out, ids = [], []
         for batch in batches:
             samples = [fetched[s.sample_id] for s in batch if s.sample_id in fetched]
             if not samples:
@@ -92,14 +106,17 @@ class LearnerHost:
                 mean_lag=_mean([self.policy.version - r.policy_version for r in records]),
             )
             self._record_metrics(stats)
-            if self.learner.step % self.cfg.learner.sync_every == 0:
+            if publish is None and self.learner.step % self.cfg.learner.sync_every == 0:
                 self.publish()
             every = self.cfg.learner.checkpoint_every
             if every and self.learner.step % every == 0:
                 self.checkpoint()
             stats["policy_version"] = self.policy.version
             out.append(stats)
-        return LearnResult(out, lost)
+            ids.append([r.sample_id for r in records])
+        if publish and out:
+            self.publish()
+        return LearnResult(out, lost, self._published, ids)
 
     def _record_metrics(self, stats: dict[str, Any]) -> None:
         m = self.metrics
@@ -133,6 +150,12 @@ class LearnerHost:
     def ping(self) -> int:
         return self.learner.step
 
+    def weights(self) -> dict[str, Any]:
+        """A copy of the trainable tensors, on the learner's device: called with ``.options(tensor_transport=
+        "gloo" | "nccl")`` it becomes a Ray Direct Transport object the samplers receive without the object
+        store (a copy, because RDT objects are references and the optimiser updates the weights in place)."""
+        return {k: p.detach().clone() for k, p in self.policy.named_trainable_parameters().items()}
+
     def info(self) -> dict[str, Any]:
         """Where the learner stands: step and version (after a restart, the checkpoint's), where it resumed
         from, and the service data stored with that checkpoint."""
@@ -146,14 +169,15 @@ class LearnerHost:
         return self.get_metrics()
 
 
-def _fetch(samples: list[TrainSample]) -> tuple[dict[str, TrainSample], int]:
+def _fetch(samples: list[TrainSample]) -> tuple[dict[str, TrainSample], list[str]]:
     """Resolve every sample's tensors: one ``ray.get`` for all refs; when that fails (an object was lost),
-    one get per ref to find the lost ones. Returns ({sample_id: resolved sample}, number lost)."""
+    one get per ref to find the lost ones. Returns ({sample_id: resolved sample}, ids of the lost ones)."""
+    samples = list({s.sample_id: s for s in samples}.values())  # one fetch per sample served in several batches
     refs = [s.tensors for s in samples if isinstance(s.tensors, ray.ObjectRef)]
     try:
         values = iter(ray.get(refs, timeout=FETCH_TIMEOUT_S) if refs else [])
         return {s.sample_id: (TrainSample(s.record, next(values)) if isinstance(s.tensors, ray.ObjectRef) else s)
-                for s in samples}, 0
+                for s in samples}, []
     except ray.exceptions.RayError:
         pass
     out: dict[str, TrainSample] = {}
@@ -164,7 +188,7 @@ def _fetch(samples: list[TrainSample]) -> tuple[dict[str, TrainSample], int]:
             log.warning("sample %s lost before training: %s", s.sample_id, type(exc).__name__)
             continue
         out[s.sample_id] = TrainSample(s.record, tensors)
-    return out, len(samples) - len(out)
+    return out, [s.sample_id for s in samples if s.sample_id not in out]
 
 
 def _mean(values: list[float | None]) -> float | None:

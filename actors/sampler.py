@@ -1,8 +1,10 @@
 """Sampler actor: the generation module with the current policy weights.
 
-A plain class (the driver makes it remote with the configured resources and restarts). Each
-:meth:`SamplerActor.sample` first syncs weights when the published version is newer, then generates
-images and their clean x0 latents (:func:`actors.rollout.generate`). The driver calls it with
+A plain class (the driver makes it remote with the configured resources and restarts). New weights
+arrive by :meth:`SamplerActor.receive`, pushed by the driver (:mod:`cluster.push`); before each batch
+:meth:`SamplerActor.sample` pulls from the weight store only when it is ``PULL_LAG`` versions behind
+(a start, a restart, lost pushes). It generates images and their clean x0 latents
+(:func:`actors.rollout.generate`). The driver calls it with
 ``num_returns=2``: the small :class:`~core.records.SampleHeader` comes back to the driver, the
 :class:`~learner.base.SampleBatch` stays in the object store and goes to a scorer by reference. A
 restarted sampler starts from the base model and syncs to the latest published weights before its
@@ -14,15 +16,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
 from actors.components import Components
 from actors.rollout import generate
-from actors.weights import maybe_sync
+from actors.weights import as_tensors, maybe_sync
 from core.metrics import Metric, Metrics
 from core.prompt_sets import PromptRecord
 from core.records import SampleHeader
 from learner.base import SampleBatch
+
+PULL_LAG = 2  # pull from the weight store only this many versions behind (pushes bring each new one)
 
 
 class SamplerActor:
@@ -34,10 +36,12 @@ class SamplerActor:
         self.last_lag = 0
         self._sync()
 
-    def _sync(self) -> None:
+    def _sync(self, min_version: int | None = None) -> None:
         if self.store is None:
             return
-        result = maybe_sync(self.store, self.policy.version, self.policy.load_trainable_state)
+        # the driver pushes every new version (receive); the store is for a start, a restart, a lost push
+        behind = min_version is not None and self.policy.version < min_version  # rounds: the round's weights
+        result = maybe_sync(self.store, self.policy.version, self._load, min_lag=1 if behind else PULL_LAG)
         if result.synced:
             self.metrics.observe(Metric.WEIGHT_SYNC_TIME, result.seconds)
         if result.failed:
@@ -45,18 +49,28 @@ class SamplerActor:
         self.last_lag = result.lag
         self.metrics.set(Metric.VERSION_LAG, self.last_lag)
 
-    def sample(self, prompts: Sequence[PromptRecord], seeds: Sequence[int]) -> tuple[SampleHeader, SampleBatch]:
-        """Sync, then one image per (prompt, seed) with the current weights (call with ``num_returns=2``)."""
-        self._sync()
+    def sample(self, prompts: Sequence[PromptRecord], seeds: Sequence[int],
+               min_version: int | None = None) -> tuple[SampleHeader, SampleBatch]:
+        """Sync, then one image per (prompt, seed) with the current weights (call with ``num_returns=2``).
+        ``min_version`` (rounds mode): pull first when behind it, however little."""
+        self._sync(min_version)
         header, batch = generate(self.policy, prompts, seeds, self.sampler_id, lag=self.last_lag)
         self.metrics.observe(Metric.SAMPLER_BATCH_TIME, header.sample_seconds)
         self.metrics.inc(Metric.IMAGES_GENERATED, header.n)
         return header, batch
 
-    def set_weights(self, state: Mapping[str, torch.Tensor], version: int) -> int:
-        """Load trainable weights directly (tests)."""
-        self.policy.load_trainable_state(state, version)
+    def receive(self, state: Mapping[str, Any], version: int) -> int:
+        """Load pushed weights (the driver passes the learner's object: numpy arrays mapped from the object
+        store, or tensors Ray Direct Transport moved from the learner). A version it already has is skipped."""
+        if version != self.policy.version:
+            self._load(as_tensors(state), version)
+            self.last_lag = 0
+            self.metrics.set(Metric.VERSION_LAG, 0)
         return self.policy.version
+
+    def _load(self, state: Mapping[str, Any], version: int) -> None:
+        # a sampler never writes its weights: CPU ones share the object store's memory instead of a copy
+        self.policy.load_trainable_state(state, version, share=True)
 
     def get_metrics(self) -> dict[str, Any]:
         """Identity, weight version and lag, and the metrics snapshot (images, batch times, syncs)."""

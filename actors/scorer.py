@@ -45,6 +45,14 @@ class ScorerActor:
         await self.judge.check_health()
         return self.scorer_id
 
+    async def set_judge_endpoints(self, urls: list[str]) -> int:
+        """Follow the run's launched judge replicas (the driver calls it when their URLs change)."""
+        set_endpoints = getattr(self.judge, "set_endpoints", None)
+        if set_endpoints is None:
+            raise TypeError(f"the {type(self.judge).__name__} judge has no endpoints to set")
+        set_endpoints(urls)
+        return len(urls)
+
     async def score(self, header: SampleHeader, batch: SampleBatch) -> tuple:
         """Judge one generated batch: ``(ScoreSummary, *tensors)`` (call with ``num_returns=1 + header.n``)."""
         scored = await score(self.scorer, header, batch)

@@ -1,30 +1,35 @@
-"""Versioned weight publication (learner) and sync (samplers) through Ray's object store.
+"""Versioned weight publication (learner) and its copy to samplers through Ray's object store.
 
 The learner host calls :func:`publish_state` every ``sync_every`` steps: the trainable state (LoRA
-adapters only when training LoRA) is moved to CPU and put into the object store ONCE; the
-:class:`WeightStore` actor (made remote by the driver, :mod:`cluster.driver`) keeps only
-``(version, [ref])``. Samplers call :func:`maybe_sync` between batches: it asks the store for its
-version (a tiny call) and fetches + loads the state only when the sampler is behind. N samplers
-read the same object (Ray copies it to each node once).
+adapters only when training LoRA) is moved to CPU as numpy arrays and put into the object store ONCE;
+the :class:`WeightStore` actor (made remote by the driver, :mod:`cluster.driver`) keeps only
+``(version, [ref])``. The driver pushes the reference to every sampler (:mod:`cluster.push`); a
+sampler that starts, restarts or missed pushes calls :func:`maybe_sync`: one round trip to the store
+(``latest_if_changed``), then one fetch. Readers on the learner's node map the arrays from shared
+memory; a CPU sampler shares them as its weights without a copy (``load_trainable_state(share=True)``).
 
 Ownership: the object is owned by the process that ``ray.put`` it (the learner host). If that
 process dies the ref in the store is dead: ``ray.get`` raises ``OwnerDiedError`` /
 ``ObjectLostError``. :func:`maybe_sync` catches that (and timeouts, and a dead store), keeps the
 sampler on its current weights, counts a failed sync and logs it; the restarted learner publishes a
 fresh version from its checkpoint (``publish(..., allow_rollback=True)`` when that version is not
-newer than the store's).
+newer than the store's). A sampler sharing an object's memory keeps it alive (Ray pins a buffer while
+an array maps it) until it loads the next version.
 
-Tested here on CPU through the object store. An NCCL broadcast path (``ray.util.collective``) for
-GPU clusters is not implemented.
+Ray Direct Transport (gloo / NCCL) pushes are in :mod:`cluster.push`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
 
 __all__ = [
     "WeightStore",
@@ -33,6 +38,7 @@ __all__ = [
     "publish_state",
     "maybe_sync",
     "state_nbytes",
+    "BF16Array",
     "to_cpu_state",
     "STORE_ACTOR_NAME",
 ]
@@ -40,6 +46,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STORE_ACTOR_NAME = "srum_weights"
+_NUMPY_DTYPES = {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.uint8,
+                 torch.bool}  # dtypes numpy has (bfloat16 has none: it travels as BF16Array)
 
 NO_VERSION = -1
 
@@ -88,6 +96,13 @@ class WeightStore:
         self._published_at = time.time()
         self._publishes += 1
         return version
+
+    def latest_if_changed(self, version: int) -> tuple[int, list[Any] | None]:
+        """One round trip for a sampler's check: ``(latest version, [ref])`` when it differs from
+        ``version``, ``(latest version, None)`` when it does not (-1: nothing published yet)."""
+        if self._version == NO_VERSION or self._version == version:
+            return self._version, None
+        return self._version, list(self._refs)
 
     def latest(self) -> tuple[int, list[Any]] | None:
         """``(version, [ref])`` of the latest publication, or None before the first."""
@@ -182,6 +197,8 @@ def state_nbytes(state: Any) -> int:
         return sum(state_nbytes(v) for v in state.values())
     if isinstance(state, (list, tuple)):
         return sum(state_nbytes(v) for v in state)
+    if isinstance(state, BF16Array):
+        return int(state.bits.nbytes)
     numel = getattr(state, "numel", None)
     elem = getattr(state, "element_size", None)
     if callable(numel) and callable(elem):  # torch.Tensor
@@ -192,19 +209,42 @@ def state_nbytes(state: Any) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class BF16Array:
+    """A bfloat16 tensor on the wire: its bits as an int16 numpy array (numpy has no bfloat16), so it too
+    travels out of band and is mapped from shared memory without a copy."""
+
+    bits: np.ndarray
+
+
 def to_cpu_state(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Detached, contiguous CPU copies of the tensors (CUDA tensors would not unpickle on a
-    CPU-only sampler); CPU tensors are detached without a copy (``ray.put`` copies anyway)."""
+    """The state as it travels through the object store: CPU numpy arrays (Ray stores them out of band and
+    readers map them from shared memory without a copy; bfloat16 as :class:`BF16Array`); other values as
+    they are. CUDA tensors are moved to the CPU (a CPU-only sampler could not unpickle them)."""
     out: dict[str, Any] = {}
     for k, v in state.items():
         if hasattr(v, "detach"):
             v = v.detach()
             if v.device.type != "cpu":
                 v = v.to("cpu")
-            out[k] = v.contiguous()
+            v = v.contiguous()
+            if v.dtype == torch.bfloat16:
+                out[k] = BF16Array(v.view(torch.int16).numpy())
+            else:
+                out[k] = v.numpy() if v.dtype in _NUMPY_DTYPES else v
         else:
             out[k] = v
     return out
+
+
+def as_tensors(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Numpy arrays (and :class:`BF16Array`) of a fetched state as torch tensors sharing their memory:
+    read-only views of the object store; load them with ``copy_`` or share them with a module that never
+    writes its weights (``load_trainable_state(..., share=True)``)."""
+    with warnings.catch_warnings():  # from_numpy warns on read-only arrays; the view is only read
+        warnings.simplefilter("ignore", UserWarning)
+        return {k: torch.from_numpy(v.bits).view(torch.bfloat16) if isinstance(v, BF16Array)
+                else torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
 
 
 def _call(obj: Any, method: str, *args: Any, timeout_s: float | None = None, **kwargs: Any) -> Any:
@@ -218,6 +258,15 @@ def _call(obj: Any, method: str, *args: Any, timeout_s: float | None = None, **k
     return ray.get(remote(*args, **kwargs), timeout=timeout_s)
 
 
+class Published(NamedTuple):
+    """What :func:`publish_state` did: its seconds, the payload (an ``ObjectRef`` under Ray) and, when it
+    did not wait, the store's pending answer."""
+
+    seconds: float
+    payload: Any
+    ack: Any = None
+
+
 def publish_state(
     store: Any,
     version: int,
@@ -226,13 +275,16 @@ def publish_state(
     *,
     allow_rollback: bool = False,
     use_ray: bool | None = None,
-) -> float:
+    wait: bool = True,
+) -> Published:
     """Put ``state`` into the object store once and publish it at ``version``; returns the seconds
-    taken (CPU copy + put + publish call).
+    taken (CPU copy + put + publish call) and the payload (the ref the driver can push to samplers).
 
     ``store`` is a :class:`WeightStore` or its actor handle. ``use_ray=None`` uses the object
     store when Ray is initialised; otherwise the state dict itself is published (in-process path).
     The publication's meta gets ``nbytes``, ``n_tensors``, ``put_s`` (see :meth:`WeightStore.info`).
+    ``wait=False`` (an actor handle) does not wait for the store's answer: the caller gets the payload a
+    round trip sooner and checks :attr:`Published.ack` later (the learner host does, at its next publish).
     """
     import ray
 
@@ -244,8 +296,12 @@ def publish_state(
     payload = ray.put(cpu_state) if use_ray else cpu_state
     t1 = time.perf_counter()
     full_meta = {"nbytes": nbytes, "n_tensors": len(cpu_state), "put_s": t1 - t0, **dict(meta or {})}
+    remote = getattr(store.publish, "remote", None)
+    if remote is not None and not wait:
+        ack = remote(version, [payload], full_meta, allow_rollback=allow_rollback)
+        return Published(time.perf_counter() - t0, payload, ack)
     _call(store, "publish", version, [payload], full_meta, allow_rollback=allow_rollback)
-    return time.perf_counter() - t0
+    return Published(time.perf_counter() - t0, payload)
 
 
 def maybe_sync(
@@ -255,9 +311,12 @@ def maybe_sync(
     stats: SyncStats | None = None,
     *,
     timeout_s: float | None = 120.0,
+    min_lag: int = 1,
 ) -> SyncResult:
     """Load the latest published weights when ``current_version`` differs from the store's.
 
+    One round trip to the store (:meth:`WeightStore.latest_if_changed`), then one zero-copy fetch when
+    behind by at least ``min_lag`` versions (a rollback, i.e. a lower version, always syncs).
     Returns the new version as a :class:`SyncResult` (an ``int`` with details). ``load_fn(state,
     version)`` installs the weights (``Policy.load_trainable_state``). Nothing is fetched when the
     sampler is current or nothing is published yet. When the object cannot be fetched (owner
@@ -272,15 +331,13 @@ def maybe_sync(
     stats.checks += 1
     published = NO_VERSION
     try:
-        published = _call(store, "version", timeout_s=timeout_s)
-        if published == NO_VERSION or published == current_version:
-            return SyncResult(current_version, latest_version=published)
         t0 = time.perf_counter()
-        latest = _call(store, "latest", timeout_s=timeout_s)
-        if latest is None:  # store restarted between the two calls
-            return SyncResult(current_version, latest_version=NO_VERSION)
-        version, (payload,) = latest
+        published, refs = _call(store, "latest_if_changed", current_version, timeout_s=timeout_s)
+        if refs is None or (published > current_version and published - current_version < min_lag):
+            return SyncResult(current_version, latest_version=published)
+        (payload,) = refs
         state = ray.get(payload, timeout=timeout_s) if isinstance(payload, ray.ObjectRef) else payload
+        state, version = as_tensors(state), published
         t1 = time.perf_counter()
     except RayError as exc:
         stats.failed += 1

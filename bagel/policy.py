@@ -39,11 +39,10 @@ from bagel.backend import resolve_attention
 from bagel.model import BagelParts, build_tiny_bagel, generation_velocity, load_bagel
 from bagel.packing import grid_position_ids, pack_generation, patchify, unpatchify
 from core.config import BagelPolicyConfig
-from learner.base import ADAPTER_NAME, Conditioning, SampleBatch, TrainableState, resolve_device
+from learner.base import ADAPTER_NAME, DTYPES, Conditioning, SampleBatch, TrainableState, resolve_device
 
 __all__ = ["BagelPolicy", "is_generation_param", "sampling_schedule"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GEN_PREFIXES = ("model.vae2llm.", "model.llm2vae.", "model.time_embedder.")
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -35,44 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-REGION_ID_RE = re.compile(r"Region ID: (\d+), box")
-
-
-# ----------------------------------------------------------------------------------- judge server
-def _request_text(body: dict[str, Any]) -> str:
-    """The user text of a chat request (the image part is ignored)."""
-    parts = []
-    for msg in body.get("messages", []):
-        content = msg.get("content")
-        if isinstance(content, str):
-            parts.append(content)
-        elif isinstance(content, list):
-            parts.extend(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return "\n".join(parts)
-
-
-def judge_answer(body: dict[str, Any]) -> str:
-    """A well-formed judge answer for any prompt the scorer sends: one block per ``Region ID: k, box``
-    line for region prompts, one score otherwise; JSON when the request carries a ``response_format``."""
-    ids = [int(k) for k in REGION_ID_RE.findall(_request_text(body))]
-    structured = "response_format" in body
-    if ids:
-        if structured:
-            return json.dumps({"regions": [{"id": k, "object": "an object", "score": 6, "reason": "fits."}
-                                           for k in ids]})
-        return "\n".join(f"Region ID: {k}\nIdentified Object: an object\nScore: 0.6\nReason: fits.\n---" for k in ids)
-    if structured:
-        return json.dumps({"score": 5, "reason": "mostly right."})
-    return "Score: 0.5\nReason: mostly right."
-
-
 def _serve(latency_s: float, max_lifetime_s: float) -> None:
     """Subprocess body: start the fake server, print its port, wait for stdin EOF (or the lifetime)."""
     import threading
 
-    from tests.judge_fake_server import FakeOpenAIServer
+    from tests.judge_fake_server import FakeOpenAIServer, scorer_answer
 
-    server = FakeOpenAIServer(latency_s=latency_s, answer=judge_answer).start()
+    server = FakeOpenAIServer(latency_s=latency_s, answer=scorer_answer).start()
     print(f"PORT {server.port}", flush=True)
     done = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()

@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"(driver + buffer actor {1e3 * v['driver_buffer_cpu_per_batch']:.1f} ms)", flush=True)
             results[which].append(res)
     for name in ("nolat", "lat200"):
-        def med(which: str, key: str) -> float:
+        def med(which: str, key: str, name: str = name) -> float:
             return statistics.median(r[name][key] for r in results[which] if name in r)
 
         if not all(any(name in r for r in results[w]) for w in results):

@@ -4,8 +4,15 @@ Every arm starts from the same pretrained base, gets the same sample budget (on-
 trains on a fresh batch sampled with the current weights), the same prompts and the same seeds; it is
 then scored on the held-out prompts by the independent geometric evaluator (`shapes/evaluator.py`).
 
-Arms: base (no training); self_sft (its own samples, uniform weight); srum (official reward map);
-srum_signed (signed map); sample_level; binarized; no_constraint (lambda_c = 0); no_global.
+Arms: base (no training); self_sft (its own samples, uniform weight); srum (official reward map, the
+constraint as Eq. 2 writes it); srum_reference (the constraint read as a KL to the frozen base,
+``learner.constraint=reference``); srum_signed (signed map); sample_level; binarized; no_constraint
+(lambda_c = 0); no_global.
+
+The predicted bound: for every trained arm, the accuracy an exact fit of the pool it trained on would give
+(:func:`learner.loss.exact_fit_accuracy`: each trained sample counts by its mean loss weight, correctness by
+the geometric evaluator) beside the pool's own accuracy; the fit efficiency is the measured held-out gain
+over the base divided by the predicted gain (bound minus pool accuracy).
 Figures per arm: held-out accuracy (per image and the mean over categories), the same on a fixed quarter
 of the training prompts, and the training reward (mean global score of its own samples) in the first and
 last quarter of its steps. Evaluation samples with `policy.eval_guidance_scale` when it is set.
@@ -39,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.config import SRUMConfig  # noqa: E402
 from core.config_io import load_config  # noqa: E402
+from learner.loss import exact_fit_accuracy, sample_loss_weight  # noqa: E402
 from shapes import evaluator  # noqa: E402
 from shapes.world import parse_prompt, prompt_records  # noqa: E402
 from srum.local import run_local  # noqa: E402
@@ -51,6 +59,7 @@ ARMS: dict[str, list[str]] = {
     "base": [],
     "self_sft": [],
     "srum": [],
+    "srum_reference": ["learner.constraint=reference"],
     "srum_signed": ["reward.semantics=signed"],
     "sample_level": ["reward.granularity=sample"],
     "binarized": ["reward.binarize=true"],
@@ -89,13 +98,29 @@ def train_arm(arm: str, cfg: SRUMConfig, sample_from: str) -> tuple[object, dict
     on all of them at weight 1) so that the training reward of the first and last quarter of the run can be
     compared across arms. Returns the trained policy and the run's figures."""
     sampler = compose(cfg).policy() if sample_from == "base" else None
-    run = run_local(cfg, sampler=sampler, weighting="uniform" if arm == "self_sft" else "reward")
+    pool: dict[str, tuple[bool, float]] = {}  # sample id -> (correct, mean loss weight)
+    lc = cfg.learner
+
+    def judge_pool(samples, batch) -> None:
+        for s, image in zip(samples, batch.images.numpy(), strict=True):
+            if not s.record.dropped:
+                pool[s.sample_id] = (bool(evaluator.check(image, parse_prompt(s.record.prompt.text))["correct"]),
+                                     sample_loss_weight(s.record.alpha, s.record.mean_R, lc.lambda_c, lc.constraint,
+                                                        lc.weight_floor))
+
+    run = run_local(cfg, sampler=sampler, weighting="uniform" if arm == "self_sft" else "reward",
+                    on_scored=judge_pool)
     g_by_step = [r["rollout_global_score"] for r in run.steps if r["rollout_global_score"] is not None]
     q = max(1, len(g_by_step) // 4)
+    trained = [pool[i] for r in run.steps for i in r["sample_ids"] if i in pool]
+    bound = {}
+    if trained and sum(w for _, w in trained) > 0:
+        bound = {"pool_accuracy": statistics.mean(c for c, _ in trained),
+                 "predicted_accuracy": exact_fit_accuracy([c for c, _ in trained], [w for _, w in trained])}
     return run.policy, {"dropped": run.buffer["dropped_total"] - run.buffer["dropped"].get("released", 0),
                         "train_reward_first_quarter": statistics.mean(g_by_step[:q]) if g_by_step else float("nan"),
                         "train_reward_last_quarter": statistics.mean(g_by_step[-q:]) if g_by_step else float("nan"),
-                        "steps": run.learner.step}
+                        "steps": run.learner.step, **bound}
 
 
 def run_one(arm: str, seed: int, steps: int, eval_seeds: int, overrides: list[str], sample_from: str = "current") -> dict:
@@ -172,7 +197,20 @@ def main() -> int:
         cols = [mean_std(arm, k) for k in ("overall", "macro", "train_probe")]
         print(f"{arm:14s}  " + "   ".join(f"{m:5.1f} ± {s:4.1f}  " for m, s in cols)
               + f"   {mean_of(arm, 'train_reward_first_quarter'):+.3f} -> {mean_of(arm, 'train_reward_last_quarter'):+.3f}")
-    base, srum, sft = mean_std("base")[0], mean_std("srum")[0], mean_std("self_sft")[0]
+    base = mean_std("base")[0]
+    print("\narm             pool %   exact-fit bound %   predicted gain   measured gain over base   fit efficiency")
+    efficiency: dict[str, float] = {}
+    for arm in results:
+        pool, bound = mean_of(arm, "pool_accuracy"), mean_of(arm, "predicted_accuracy")
+        if arm == "base" or np.isnan(bound):
+            continue
+        predicted, measured = 100 * (bound - pool), mean_std(arm)[0] - base
+        if abs(predicted) > 1e-9:  # uniform weights (self-SFT) predict no change: no efficiency to report
+            efficiency[arm] = measured / predicted
+        eff = f"{efficiency[arm]:+.2f}" if arm in efficiency else "n/a"
+        print(f"{arm:14s}  {100 * pool:6.1f}   {100 * bound:12.1f}      {predicted:+8.2f}        {measured:+8.2f}"
+              f"              {eff}")
+    srum, sft = mean_std("srum")[0], mean_std("self_sft")[0]
     gain = srum - base
     print(f"RESULT srum_gain_over_base_points {gain:.1f} target=10 ok={str(gain >= 10).lower()}")
     print(f"RESULT srum_minus_self_sft_points {srum - sft:.1f} target=0 ok={str(srum > sft).lower()}")
@@ -182,6 +220,8 @@ def main() -> int:
 
     extra = rise("srum") - rise("self_sft")
     print(f"RESULT srum_training_reward_rise_over_self_sft {extra:.3f} target=0 ok={str(extra > 0).lower()}")
+    for arm, eff in efficiency.items():  # reported, no target: how much of the exact-fit gain training realised
+        print(f"RESULT {arm}_fit_efficiency {eff:.2f} target=report ok={str(not np.isnan(eff)).lower()}")
     return 0
 
 

@@ -1,13 +1,24 @@
-"""Benchmark: weight sync from the learner to sampler actors through the object store.
+"""Benchmark: weight sync from the learner to N samplers, each transport against one in-process copy.
 
-``publish_state`` + ``maybe_sync`` into 2 real sampler actors (wall time until both loaded the new
-version) divided by one in-process ``load_trainable_state`` of the same tensors into a second policy;
-full fine-tuning and LoRA (``policy.lora_rank=8``) of the tiny SD3 policy; an INFO sweep over synthetic
-float32 states of ``--sizes-mb``. Local Ray on 127.0.0.1.
+Side by side in one run, for synthetic float32 states of ``--sizes-mb`` (default 0.3, 64, 256 MB, 16
+tensors) and ``--samplers`` (default 1, 2, 4) receiver actors on a local Ray bound to 127.0.0.1:
 
-    python bench/weight_sync.py [--reps 30] [--sizes-mb 1,16,64]
+- ``object_store``: what the learner and the driver run (:mod:`cluster.push`):
+  :func:`actors.weights.publish_state` (one ``ray.put`` of numpy arrays), then the reference pushed to
+  every receiver's ``receive`` (Ray maps the arrays from shared memory; the receiver's CPU parameters
+  take them as their data, as a sampler's do);
+  wall time until all N loaded the version.
+- ``pull``: the fallback a sampler runs after a lost push or a restart, :func:`actors.weights.maybe_sync`
+  (one ``latest_if_changed`` round trip to the weight store, a zero-copy fetch, the same load).
+- ``gloo``: Ray Direct Transport as the driver pushes it (:class:`cluster.push.WeightPusher`): the
+  source's RDT method returns a copy of its tensors, each receiver gets the reference as its argument
+  and loads the tensors it received; the collective group is built once, before timing.
+- ``copy``: one in-process ``copy_`` of the same tensors (the floor every ratio is measured against).
 
-Ends with ``RESULT <name> <value> target=<t> ok=<true|false>`` lines.
+    python bench/weight_sync.py [--sizes-mb 0.3,64,256] [--samplers 1,2,4] [--reps 5]
+
+Ends with ``RESULT`` lines: the best transport's ratio to one copy at 64 MB and 256 MB with 2 samplers,
+the fixed cost at 0.3 MB with 2 samplers in ms, and every transport's time per size (2 samplers).
 """
 
 from __future__ import annotations
@@ -33,140 +44,159 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from _pipeline_util import median  # noqa: E402
 
-from actors.sampler import SamplerActor  # noqa: E402
-from actors.weights import WeightStore, maybe_sync, publish_state, state_nbytes  # noqa: E402
+from actors.weights import WeightStore, as_tensors, maybe_sync, publish_state  # noqa: E402
 from cluster.control import NAMESPACE  # noqa: E402
-from core.config import SRUMConfig  # noqa: E402
-from core.config_io import load_config  # noqa: E402
-from srum.registry import compose  # noqa: E402
+from cluster.push import WeightPusher  # noqa: E402
+from learner.base import TrainableState  # noqa: E402
 
-CONFIG = ROOT / "configs" / "tiny_sd3.yaml"
-TARGETS = {"weight_sync_ratio_full": 3.0, "weight_sync_ratio_lora": 3.0}
+TARGETS = {"weight_sync_ratio_64mb": 4.0, "weight_sync_ratio_256mb": 3.0, "weight_sync_fixed_ms": 5.0}
+N_TENSORS = 16
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def kill(*handles: Any) -> None:
-    for h in handles:
-        with contextlib.suppress(Exception):
-            ray.kill(h, no_restart=True)
+def make_state(nbytes: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    per = max(1, nbytes // 4 // N_TENSORS)
+    return {f"w{i}": torch.randn(per, generator=g) for i in range(N_TENSORS)}
 
 
-class BenchSampler(SamplerActor):
-    """The real sampler actor plus ``sync_now()``: exactly the sync it runs before every batch."""
+class Source:
+    """The learner's side: its tensors, and the method whose return Ray Direct Transport moves."""
 
-    def sync_now(self) -> dict[str, Any]:
-        before = self.policy.version
-        self._sync()
-        return {"version": self.policy.version, "synced": self.policy.version != before}
+    def __init__(self, nbytes: int):
+        self.state = make_state(nbytes)
+
+    def bump(self) -> None:
+        for t in self.state.values():
+            t.add_(1.0)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.state.items()}  # what LearnerHost.weights() sends
+
+    def ping(self) -> int:
+        return 1
 
 
-class StateHolder:
-    """A sampler stand-in holding an arbitrary state dict (for the INFO size sweep only)."""
+class Receiver(TrainableState):
+    """A sampler's side: parameters of the same shapes, loaded as a sampler loads them
+    (``load_trainable_state(share=True)``: CPU arrays of the right dtype are used in place, no copy)."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], store: Any):
-        self.state = {k: torch.zeros(s) for k, s in shapes.items()}
+    def __init__(self, nbytes: int, store: Any):
+        self._params = {k: torch.nn.Parameter(torch.zeros_like(v)) for k, v in make_state(nbytes).items()}
         self.store, self.version = store, -1
 
-    @torch.no_grad()
-    def load(self, state: dict[str, torch.Tensor], version: int) -> None:
-        for k, p in self.state.items():
-            p.copy_(state[k])
+    def load(self, state: dict[str, Any], version: int) -> None:
+        self.load_trainable_state(state, version, share=True)
 
-    def sync_now(self) -> dict[str, Any]:
-        res = maybe_sync(self.store, self.version, self.load)
-        self.version = int(res)
-        return {"version": self.version, "synced": res.synced}
+    def pull(self) -> int:
+        return int(maybe_sync(self.store, self.version, self.load))
 
+    def receive(self, state: dict[str, Any], version: int) -> int:
+        self.load(as_tensors(state), version)
+        return self.version
 
-def _sync_loop(store: Any, receivers: list[Any], state: dict[str, torch.Tensor], local_load: Any,
-               warmup: int, reps: int) -> dict[str, Any]:
-    t_local, t_remote, t_publish = [], [], []
-    for r in range(warmup + reps):
-        v = r + 1
-        t0 = time.perf_counter()
-        local_load(state, v)
-        t1 = time.perf_counter()
-        publish_state(store, v, state)
-        t2 = time.perf_counter()
-        res = ray.get([s.sync_now.remote() for s in receivers])
-        t3 = time.perf_counter()
-        if not all(x["synced"] and x["version"] == v for x in res):
-            raise RuntimeError(f"a sampler did not load version {v}: {res}")
-        if r >= warmup:
-            t_local.append(t1 - t0)
-            t_remote.append(t3 - t1)
-            t_publish.append(t2 - t1)
-    return {"local_s": median(t_local), "remote_s": median(t_remote), "publish_s": median(t_publish),
-            "ratio": median(t_remote) / median(t_local), "nbytes": state_nbytes(state)}
+    def ping(self) -> int:
+        return 1
 
 
-def bench_weight_sync(cfg: SRUMConfig, warmup: int, reps: int) -> dict[str, Any]:
-    """publish_state + maybe_sync into 2 real sampler actors vs one in-process load_trainable_state."""
-    res = cfg.cluster.sampler_resources
+def copy_once(src: dict[str, torch.Tensor], dst: dict[str, torch.Tensor]) -> float:
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for k, t in dst.items():
+            t.copy_(src[k])
+    return time.perf_counter() - t0
+
+
+def bench_size(nbytes: int, n: int, reps: int) -> dict[str, float]:
+    """Median seconds per sync of each transport for one size and receiver count."""
+    rdt = ray.remote(enable_tensor_transport=True)
     store = ray.remote(WeightStore).options(num_cpus=0).remote()
-    parts = compose(cfg)
-    samplers = [ray.remote(BenchSampler).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote(
-        parts, f"sync-{i}", store) for i in range(2)]
-    ray.get([s.ping.remote() for s in samplers])
-    src, dst = parts.policy(cfg.run.seed), parts.policy(cfg.run.seed + 1)
-    _, state = src.trainable_state()
+    source = rdt(Source).options(num_cpus=0).remote(nbytes)
+    receivers = [rdt(Receiver).options(num_cpus=0).remote(nbytes, store) for _ in range(n)]
+    ray.get([source.ping.remote(), *(r.ping.remote() for r in receivers)])
+    local = make_state(nbytes, 2)
+    dst = {k: torch.zeros_like(t) for k, t in local.items()}
+    copy_once(local, dst)  # touch the pages once
+    pusher = WeightPusher("gloo")
+    out: dict[str, float] = {}
+    copies: list[float] = []
     try:
-        return _sync_loop(store, samplers, state, dst.load_trainable_state, warmup, reps)
+        times, pulls = [], []
+        for v in range(2 * (reps + 1)):
+            local_v = {k: t + v for k, t in local.items()}
+            copies.append(copy_once(local_v, dst))  # the in-process floor, measured beside each transfer
+            t0 = time.perf_counter()
+            pub = publish_state(store, v, local_v, wait=False)  # as the learner host publishes
+            if v % 2:  # the fallback: the store must have the version first
+                ray.get(pub.ack)
+                got = ray.get([r.pull.remote() for r in receivers])
+                pulls.append(time.perf_counter() - t0)
+            else:
+                got = ray.get([r.receive.remote(pub.payload, v) for r in receivers])
+                times.append(time.perf_counter() - t0)
+            assert got == [v] * n, got
+        out["object_store"], out["pull"] = median(times[1:]), median(pulls[1:])
+        times = []
+        handles = {f"r{i}": r for i, r in enumerate(receivers)}
+        for v in range(reps + 1):
+            ray.get(source.bump.remote())
+            t0 = time.perf_counter()
+            refs = pusher.push(source, handles, 1000 + v, epoch=0)
+            got = ray.get(list(refs))
+            times.append(time.perf_counter() - t0)
+            assert got == [1000 + v] * n, got
+        out["gloo"] = median(times[1:])
+        out["copy"] = median(copies[2:])
     finally:
-        kill(*samplers, store)
-
-
-def bench_sync_size(nbytes: int, n_tensors: int, warmup: int, reps: int, num_cpus: float) -> dict[str, Any]:
-    """Same publish/sync path for a synthetic float32 state of ``nbytes`` (INFO: fixed vs per-byte cost)."""
-    per = max(1, nbytes // 4 // n_tensors)
-    shapes = {f"w{i}": (per,) for i in range(n_tensors)}
-    state = {k: torch.randn(s) for k, s in shapes.items()}
-    local = StateHolder(shapes, None)
-    store = ray.remote(WeightStore).options(num_cpus=0).remote()
-    holders = [ray.remote(StateHolder).options(num_cpus=num_cpus).remote(shapes, store) for _ in range(2)]
-    try:
-        return _sync_loop(store, holders, state, local.load, warmup, reps)
-    finally:
-        kill(*holders, store)
-
-
-
-
-def weight_sync(args: argparse.Namespace, results: dict[str, float]) -> None:
-    log("== weight sync: publish_state + maybe_sync into 2 sampler actors vs in-process load_trainable_state")
-    cfg = None
-    for lora, name in ((0, "weight_sync_ratio_full"), (8, "weight_sync_ratio_lora")):
-        cfg = load_config(args.config, ["regions.proposer=none", f"policy.lora_rank={lora}"])
-        r = bench_weight_sync(cfg, 3, args.sync_reps)
-        results[name] = r["ratio"]
-        log(f"   {'LoRA r=8' if lora else 'full FT '}: {r['nbytes'] / 1e6:.3f} MB; 2 samplers "
-            f"{r['remote_s'] * 1e3:.2f} ms (of which publish {r['publish_s'] * 1e3:.2f} ms) vs in-process "
-            f"{r['local_s'] * 1e3:.3f} ms -> ratio {r['ratio']:.1f} (medians of {args.sync_reps})")
-    for mb in [float(x) for x in args.sync_sizes_mb.split(",") if x]:
-        r = bench_sync_size(int(mb * 1e6), 16, 2, 7, cfg.cluster.sampler_resources.num_cpus)
-        log(f"   INFO synthetic {mb:g} MB float32 (16 tensors), same path: 2 samplers {r['remote_s'] * 1e3:.2f} ms "
-            f"(publish {r['publish_s'] * 1e3:.2f} ms) vs in-process {r['local_s'] * 1e3:.2f} ms -> ratio {r['ratio']:.2f}")
+        pusher.close()
+        for h in (source, store, *receivers):
+            with contextlib.suppress(Exception):
+                ray.kill(h, no_restart=True)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(CONFIG))
-    ap.add_argument("--sync-reps", type=int, default=30)
-    ap.add_argument("--sync-sizes-mb", default="1,16,64", help="INFO sweep of synthetic state sizes ('' = off)")
+    ap.add_argument("--sizes-mb", default="0.3,64,256")
+    ap.add_argument("--samplers", default="1,2,4")
+    ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args(argv)
-    results: dict[str, float] = {}
+    sizes = [float(x) for x in args.sizes_mb.split(",") if x]
+    counts = [int(x) for x in args.samplers.split(",") if x]
     ray.init(address="local", num_cpus=4, include_dashboard=False, namespace=NAMESPACE, _node_ip_address="127.0.0.1",
              log_to_driver=False, configure_logging=False)
+    rows: dict[tuple[float, int], dict[str, float]] = {}
     try:
-        weight_sync(args, results)
+        for mb in sizes:
+            nbytes = int(mb * 1e6)
+            for n in counts:
+                r = bench_size(nbytes, n, args.reps)
+                rows[(mb, n)] = r
+                copy_s = r["copy"]
+                log(f"{mb:g} MB, {n} sampler(s): object store push {1e3 * r['object_store']:.2f} ms (pull "
+                    f"{1e3 * r['pull']:.2f} ms), gloo RDT {1e3 * r['gloo']:.2f} ms; one in-process copy "
+                    f"{1e3 * copy_s:.3f} ms -> ratios {r['object_store'] / copy_s:.1f} (pull {r['pull'] / copy_s:.1f})"
+                    f" / {r['gloo'] / copy_s:.1f} (medians of {args.reps})")
     finally:
         ray.shutdown()
-    for name, target in TARGETS.items():
-        value = results[name]
-        log(f"RESULT {name} {value:.3f} target={target:g} ok={'true' if value <= target else 'false'}")
+    results: list[tuple[str, float, float | None]] = []
+    for mb, name in ((64.0, "weight_sync_ratio_64mb"), (256.0, "weight_sync_ratio_256mb")):
+        if (mb, 2) in rows:
+            r = rows[(mb, 2)]
+            results.append((name, min(r["object_store"], r["gloo"]) / r["copy"], TARGETS[name]))
+    if (0.3, 2) in rows:
+        r = rows[(0.3, 2)]
+        results.append(("weight_sync_fixed_ms", 1e3 * min(r["object_store"], r["gloo"]), TARGETS["weight_sync_fixed_ms"]))
+    for (mb, n), r in rows.items():
+        if n == 2:
+            for t in ("object_store", "pull", "gloo"):
+                results.append((f"weight_sync_ms_{t}_{mb:g}mb", 1e3 * r[t], None))
+    for name, value, target in results:
+        ok = "true" if target is None or value <= target else "false"
+        log(f"RESULT {name} {value:.3f} target={'-' if target is None else f'{target:g}'} ok={ok}")
     return 0
 
 

@@ -12,13 +12,18 @@ it could be scored (:meth:`record_drop`, e.g. ``scorer_failed``). At any time::
 
 where ``dropped`` counts by :class:`~core.records.DropReason`: ``stale`` (older than ``max_staleness``
 learner versions), ``evicted`` (FIFO overflow), ``duplicate`` (sample id seen before), the record's own
-reason (``judge_failed``, ``global_score_zero``, ...), ``lost`` (drawn but their tensors could not be
-fetched, moved from ``trained`` by :meth:`mark_lost`), ``released`` (:meth:`release`) and whatever
-:meth:`record_drop` gets. :meth:`check_invariant` raises :class:`AccountingError` when the identity
+reason (``judge_failed``, ``global_score_zero``, ...), ``lost`` (drawn, but their tensors could not be
+fetched or the learner call failed; :meth:`mark_lost`), ``rolled_back`` (trained in steps a restarted
+learner undid), ``released`` (:meth:`release`) and whatever :meth:`record_drop` gets. :meth:`check_invariant` raises :class:`AccountingError` when the identity
 does not hold.
 
-Sampling draws WITHOUT replacement (each sample is trained once, then leaves the buffer), uniformly
-or with a recency bias: entry weights ∝ exp(recency_bias · rank / size), rank 0 = oldest insertion.
+Sampling draws WITHOUT replacement, uniformly or with a recency bias: entry weights ∝
+exp(recency_bias · rank / size), rank 0 = oldest insertion; entries at the staleness bound (they would be
+stale after the next learner version) are taken first, oldest first, so that work is trained, not dropped. Each sample is served ``max_uses`` times
+(1 online: trained once; ``E`` in rounds mode: ``E`` epochs over the round's pool), never twice in one
+draw and always from the entries served least so far (epoch by epoch); after its last use it leaves the
+buffer and counts as *trained* (a sample counts once in the identity, however often it was served;
+``served`` counts the uses).
 Weighted draws without replacement use Efraimidis–Spirakis keys log(u)/w, so a fixed ``seed`` and
 the same sequence of calls give the same draws.
 """
@@ -53,6 +58,7 @@ class ReplayBuffer:
         require_refs: reject trainable samples whose tensors are not a ``ray.ObjectRef`` (guards
             against tensors held by value in the driver). ``False`` for the in-process loop.
         metrics: record ``srum_buffer_size`` and ``srum_buffer_drops{reason}`` (a no-op without Ray).
+        max_uses: times each sample is served before it leaves (epochs over a pool; 1 = once).
     """
 
     def __init__(
@@ -64,6 +70,7 @@ class ReplayBuffer:
         *,
         require_refs: bool = True,
         metrics: bool = True,
+        max_uses: int = 1,
     ) -> None:
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"ReplayBuffer capacity must be an int >= 1, got {capacity!r}")
@@ -71,6 +78,12 @@ class ReplayBuffer:
             raise ValueError(f"ReplayBuffer max_staleness must be an int >= 0, got {max_staleness!r}")
         if not math.isfinite(recency_bias) or recency_bias < 0:
             raise ValueError(f"ReplayBuffer recency_bias must be finite and >= 0, got {recency_bias!r}")
+        if not isinstance(max_uses, int) or max_uses < 1:
+            raise ValueError(f"ReplayBuffer max_uses must be an int >= 1, got {max_uses!r}")
+        self.max_uses = max_uses
+        self._uses: dict[str, int] = {}  # times each held entry was served (absent = 0)
+        self._finished: OrderedDict[str, bool] = OrderedDict()  # recently trained ids (for mark_lost)
+        self._served = 0
         self.capacity = capacity
         self.max_staleness = max_staleness
         self.recency_bias = float(recency_bias)
@@ -118,7 +131,8 @@ class ReplayBuffer:
             self._added += 1
             entered += 1
             while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)  # the ref is released here
+                old, _ = self._entries.popitem(last=False)  # the ref is released here
+                self._uses.pop(old, None)
                 self._drop(DropReason.EVICTED, 1)
         self._size_changed()
         return entered
@@ -132,15 +146,24 @@ class ReplayBuffer:
         self._generated += n
         self._drop(reason, n)
 
-    def mark_lost(self, n: int, reason: DropReason = DropReason.LOST) -> None:
-        """Move ``n`` samples from *trained* to *dropped[reason]*: they were drawn but their
-        tensors could not be fetched (object lost)."""
-        if not isinstance(n, int) or n < 0:
-            raise ValueError(f"mark_lost n must be an int >= 0, got {n!r}")
-        if n > self._trained:
-            raise ValueError(f"mark_lost n={n} exceeds the samples drawn so far ({self._trained})")
-        self._trained -= n
+    def mark_lost(self, sample_ids: Iterable[str], reason: DropReason = DropReason.LOST) -> int:
+        """Samples drawn whose training failed or was undone (tensors lost, a failed learner call, a rollback):
+        each counts once as ``dropped[reason]``, moved from *trained* when it had left the buffer, or taken
+        out of the buffer with the uses it had left (epochs). Ids it no longer knows are ignored. Returns
+        how many were counted."""
+        n = 0
+        for sid in dict.fromkeys(sample_ids):
+            if sid in self._entries:
+                del self._entries[sid]
+                self._uses.pop(sid, None)
+                n += 1
+            elif self._finished.pop(sid, False):
+                self._trained -= 1
+                n += 1
         self._drop(reason, n)
+        if n:
+            self._size_changed()
+        return n
 
     def evict_stale(self, learner_version: int) -> int:
         """Drop entries more than ``max_staleness`` versions behind ``learner_version``."""
@@ -148,16 +171,17 @@ class ReplayBuffer:
         stale = [sid for sid, e in self._entries.items() if self._is_stale(e.policy_version, learner_version)]
         for sid in stale:
             del self._entries[sid]
+            self._uses.pop(sid, None)
         self._drop(DropReason.STALE, len(stale))
         if stale:
             self._size_changed()
         return len(stale)
 
     def sample(self, n: int, learner_version: int, *, min_n: int = 1) -> list[TrainSample]:
-        """Evict stale entries, then draw up to ``n`` entries without replacement.
+        """Evict stale entries, then draw up to ``n`` distinct entries, the least-served first.
 
-        Returns ``[]`` when fewer than ``min_n`` entries remain (nothing is drawn then). Drawn
-        entries leave the buffer and are counted as trained.
+        Returns ``[]`` when fewer than ``min_n`` entries remain (nothing is drawn then). An entry drawn for
+        the ``max_uses``-th time leaves the buffer and is counted as trained.
         """
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"sample n must be an int >= 0, got {n!r}")
@@ -170,9 +194,30 @@ class ReplayBuffer:
         if k == 0 or size < min_n:
             return []
         ids = list(self._entries.keys())
-        picked = self._draw(size, k)
-        out = [self._entries.pop(ids[i]) for i in picked]
-        self._trained += len(out)
+        out: list[TrainSample] = []
+        for level in sorted({self._uses.get(sid, 0) for sid in ids}):  # epoch by epoch
+            at = [i for i, sid in enumerate(ids) if self._uses.get(sid, 0) == level]
+            # last chance first: an entry at the staleness bound is stale after the next version, so it is
+            # trained now rather than dropped (oldest first); the rest are drawn as configured
+            last = [i for i in at if learner_version - self._entries[ids[i]].policy_version >= self.max_staleness]
+            out += [self._entries[ids[i]] for i in last[: k - len(out)]]
+            taken = set(last)
+            rest = [i for i in at if i not in taken]
+            out += [self._entries[ids[rest[j]]] for j in self._draw_among(rest, size, k - len(out))]
+            if len(out) == k:
+                break
+        for e in out:
+            uses = self._uses.get(e.sample_id, 0) + 1
+            if uses >= self.max_uses:
+                del self._entries[e.sample_id]
+                self._uses.pop(e.sample_id, None)
+                self._trained += 1
+                self._finished[e.sample_id] = True
+                if len(self._finished) > self._seen_limit:
+                    self._finished.popitem(last=False)
+            else:
+                self._uses[e.sample_id] = uses
+        self._served += len(out)
         self._size_changed()
         return out
 
@@ -180,6 +225,7 @@ class ReplayBuffer:
         """Drop every entry (e.g. at shutdown) so Ray can free the objects; counted by ``reason``."""
         n = len(self._entries)
         self._entries.clear()
+        self._uses.clear()
         self._drop(reason, n)
         self._size_changed()
         return n
@@ -188,6 +234,10 @@ class ReplayBuffer:
     def size(self) -> int:
         """Entries currently held."""
         return len(self._entries)
+
+    def uses_left(self) -> int:
+        """Draws the held entries can still serve (``size()`` when each is served once)."""
+        return self.max_uses * len(self._entries) - sum(self._uses.values())
 
     def peek(self, k: int = 8) -> list[SampleRecord]:
         """Records of the ``k`` newest entries (newest first), for status and the gallery."""
@@ -219,6 +269,8 @@ class ReplayBuffer:
             "max_staleness": self.max_staleness,
             "recency_bias": self.recency_bias,
             "sample_calls": self._sample_calls,
+            "served": self._served,
+            "max_uses": self.max_uses,
         }
 
     def counters(self) -> dict[str, Any]:
@@ -283,13 +335,14 @@ class ReplayBuffer:
     def _is_stale(self, policy_version: int, learner_version: int | None) -> bool:
         return learner_version is not None and learner_version - policy_version > self.max_staleness
 
-    def _draw(self, size: int, k: int) -> list[int]:
-        """Indices (into oldest-first order) of ``k`` distinct entries, weighted by recency."""
-        u = self._rng.random(size)
+    def _draw_among(self, at: list[int], size: int, k: int) -> list[int]:
+        """Positions in ``at`` (indices into the ``size`` entries, oldest first) of ``k`` distinct draws,
+        weighted by recency (the rank is the entry's index among all ``size``)."""
+        u = self._rng.random(len(at))
         if self.recency_bias == 0.0:
             keys = u
         else:
-            rank = np.arange(size, dtype=np.float64)
+            rank = np.asarray(at, dtype=np.float64)
             # Normalised so the newest weight is 1 (no overflow for large biases).
             w = np.exp(self.recency_bias * (rank - (size - 1)) / size)
             with np.errstate(divide="ignore"):

@@ -30,6 +30,8 @@ from typing import Any
 
 from core.config import MAX_ACTORS
 
+log = logging.getLogger("srum.control")
+
 __all__ = [
     "CONTROLLER_NAME",
     "NAMESPACE",
@@ -37,6 +39,7 @@ __all__ = [
     "Controller",
     "ControllerNotFound",
     "ScaleError",
+    "release_controller",
     "validate_counts",
     "get_or_create_controller",
     "find_controller",
@@ -70,19 +73,19 @@ def _check_count(role: str, value: Any, minimum: int, maximum: int) -> int:
 
 
 def validate_counts(
-    samplers: int | None = None, scorers: int | None = None, *, max_count: int = MAX_ACTORS
+    samplers: int | None = None, scorers: int | None = None, judges: int | None = None, *,
+    max_count: int = MAX_ACTORS,
 ) -> dict[str, int]:
     """Validate a scale request; returns ``{role: count}`` for the roles given.
 
-    Both counts must be integers in ``[1, max_count]`` and at least one must be given.
+    Counts must be integers in ``[1, max_count]`` and at least one must be given.
     """
     out: dict[str, int] = {}
-    if samplers is not None:
-        out["samplers"] = _check_count("samplers", samplers, 1, max_count)
-    if scorers is not None:
-        out["scorers"] = _check_count("scorers", scorers, 1, max_count)
+    for role, value in (("samplers", samplers), ("scorers", scorers), ("judges", judges)):
+        if value is not None:
+            out[role] = _check_count(role, value, 1, max_count)
     if not out:
-        raise ScaleError("nothing to scale: give samplers and/or scorers")
+        raise ScaleError("nothing to scale: give samplers, scorers and/or judges")
     return out
 
 
@@ -93,9 +96,11 @@ class Controller:
         self.max_count = max_count
         self.reset(samplers, scorers)
 
-    def reset(self, samplers: int = 1, scorers: int = 1, run_name: str | None = None) -> dict[str, Any]:
-        """Start over for a new run: counts, status, stop flag and history; returns :meth:`get_desired`."""
-        counts = validate_counts(samplers, scorers, max_count=self.max_count)
+    def reset(self, samplers: int = 1, scorers: int = 1, run_name: str | None = None,
+              judges: int | None = None) -> dict[str, Any]:
+        """Start over for a new run: counts, status, stop flag and history; returns :meth:`get_desired`.
+        ``judges``: the judge replicas the run launches (None: it launches none, and they cannot be scaled)."""
+        counts = validate_counts(samplers, scorers, judges, max_count=self.max_count)
         self._desired = dict(counts)
         self._generation = 0
         self._run_name = run_name
@@ -111,13 +116,17 @@ class Controller:
         return "ok"
 
     # ------------------------------------------------------------------ scaling
-    def scale(self, samplers: int | None = None, scorers: int | None = None) -> dict[str, Any]:
-        """Set the desired sampler and/or scorer counts; returns :meth:`get_desired`.
+    def scale(self, samplers: int | None = None, scorers: int | None = None,
+              judges: int | None = None) -> dict[str, Any]:
+        """Set the desired sampler, scorer and/or judge-replica counts; returns :meth:`get_desired`.
 
         Raises :class:`ScaleError` for counts that are not integers in ``[1, max_count]``, when
-        neither is given, or when the job is stopping.
+        none is given, for judges when the run launches none, or when the job is stopping.
         """
-        counts = validate_counts(samplers, scorers, max_count=self.max_count)
+        counts = validate_counts(samplers, scorers, judges, max_count=self.max_count)
+        if judges is not None and "judges" not in self._desired:
+            raise ScaleError("this run does not launch its judge servers (judge.launch is unset): scale the "
+                             "servers behind judge.endpoints yourself")
         if self._stop_reason is not None:
             raise ScaleError(f"the job is stopping ({self._stop_reason}); scale requests are refused")
         changed = {k: v for k, v in counts.items() if self._desired[k] != v}
@@ -128,7 +137,8 @@ class Controller:
         return self.get_desired()
 
     def get_desired(self) -> dict[str, Any]:
-        """``{"samplers": n, "scorers": m, "generation": g, "stop": bool}``; ``g`` grows on every change."""
+        """``{"samplers": n, "scorers": m, ["judges": j,] "generation": g, "stop": bool}``; ``g`` grows on every
+        change."""
         return {**self._desired, "generation": self._generation, "stop": self._stop_reason is not None}
 
     def scale_history(self) -> list[dict[str, Any]]:
@@ -213,6 +223,25 @@ def get_or_create_controller(
     if detached:
         options["lifetime"] = "detached"
     return ray.remote(Controller).options(**options).remote(samplers, scorers)
+
+
+def release_controller(handle: Any, namespace: str = NAMESPACE, *, name: str = CONTROLLER_NAME,
+                       timeout_s: float = 10.0) -> None:
+    """End a run's controller and wait until its name is free, so that the next driver in this Ray session
+    (a benchmark's or a test's next run) creates its own instead of borrowing one that dies with its owner."""
+    import ray
+
+    if handle is None:
+        return
+    ray.kill(handle, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            return
+        time.sleep(0.05)
+    log.warning("controller %r still registered %.0f s after it was killed", name, timeout_s)
 
 
 def find_controller(

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +31,15 @@ from actors.sampler import SamplerActor
 from actors.scorer import ScorerActor, ScoreSummary
 from actors.weights import WeightStore
 from cluster.buffer import ReplayBuffer
-from cluster.control import NAMESPACE, get_or_create_controller
+from cluster.control import NAMESPACE, get_or_create_controller, release_controller
 from cluster.health import OutageBreaker, logged_train_steps, storage_dir
+from cluster.jobs import EndpointsJob, EvalJob, Job, LearnerProbeJob, LearnJob, PushJob, SampleJob, ScoreJob
+from cluster.judges import JudgeReplicas
 from cluster.pool import PROBE_EVERY_S, ActorPool
-from cluster.progress import Gallery, ProgressReporter, plot_metrics
+from cluster.progress import Gallery, ProgressReporter, format_eval, plot_metrics, unreadable_judge_warning
+from cluster.push import WeightPusher, remote_class
+from cluster.ray_cluster import call_while_restarting, check_resources, connect_ray
+from cluster.rounds import Rounds
 from core.config import SRUMConfig
 from core.config_io import config_hash, config_to_yaml
 from core.metrics import Metric, Metrics
@@ -47,62 +50,6 @@ log = logging.getLogger("srum.driver")
 
 POLL_S = 0.5  # longest wait for a job before the loop turns again (scale requests, budget, report)
 CONTROL_EVERY_S = 1.0  # how often the controller is asked for scale and stop requests
-
-
-# ------------------------------------------------------------------------------------------ jobs
-@dataclass(frozen=True)
-class SampleJob:
-    """A sampler is generating a batch; the awaited ref is its header, ``batch`` the images + latents."""
-
-    actor_id: str
-    batch: Any
-
-
-@dataclass(frozen=True)
-class ScoreJob:
-    """A scorer is judging a batch; the awaited ref is its summary, ``tensors`` one ref per image."""
-
-    actor_id: str
-    header: SampleHeader
-    tensors: list[Any]
-
-
-@dataclass(frozen=True)
-class LearnJob:
-    """The learner is training on ``samples`` drawn samples."""
-
-    samples: int
-
-
-@dataclass(frozen=True)
-class EvalJob:
-    """The learner is running the world's held-out evaluation."""
-
-
-@dataclass(frozen=True)
-class LearnerProbeJob:
-    """Asking a restarting learner whether it is back (and where it resumed)."""
-
-
-Job = SampleJob | ScoreJob | LearnJob | EvalJob | LearnerProbeJob
-
-
-def connect_ray(cfg: SRUMConfig) -> None:
-    """Join the cluster a job was submitted to (RAY_ADDRESS) or `cluster.address`, else start a local Ray on
-    loopback with its dashboard on 127.0.0.1."""
-    if ray.is_initialized():
-        return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}}
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=True)
-        return
-    kwargs: dict[str, Any] = {}
-    if cfg.cluster.metrics_port is not None:
-        kwargs["_metrics_export_port"] = cfg.cluster.metrics_port
-    # address="local": always a new local Ray (a bare ray.init() would join whatever `ray start` left behind)
-    ray.init(address="local", namespace=NAMESPACE, runtime_env=env, include_dashboard=True, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", configure_logging=False, **kwargs)
 
 
 class Driver:
@@ -118,57 +65,65 @@ class Driver:
         self.reporter = ProgressReporter(self.run_dir)
         self.gallery = Gallery(self.run_dir)
         self.prompts = PromptCycler(components.train_prompts(), cfg.run.seed, cfg.cluster.prompts.shuffle)
+        self.rounds = (Rounds(cfg.cluster.round_samples, cfg.cluster.round_epochs)
+                       if cfg.cluster.mode == "rounds" else None)
         self.buffer = ReplayBuffer(cfg.cluster.buffer_capacity, cfg.cluster.max_staleness, cfg.cluster.recency_bias,
-                                   cfg.run.seed)
+                                   cfg.run.seed, max_uses=self.rounds.epochs if self.rounds else 1)
         self.metrics = Metrics()
         self.pending: dict[Any, Job] = {}
         self.waiting_for_scorer: deque[tuple[SampleHeader, Any]] = deque()
         self.counts: Counter[str] = Counter()  # images generated and actor failures by role
         self.judge_counters: dict[str, dict[str, Any]] = {}  # per scorer, the judge's latest counters
         self.last_train: dict[str, Any] = {}
-        self.step = self.start_step = 0
-        self.policy_version = 0
+        self.step = self.start_step = self.policy_version = 0
         self.lags: dict[str, int] = {}
         self.sampler_versions: dict[str, int] = {}
         self.last_eval: dict[str, Any] | None = None  # the latest held-out evaluation
         self.last_eval_step: int | None = None
         self.last_refresh_step = 0
-        self.stop_reason: str | None = None
+        self.round_shown: tuple[int, str] | None = None  # the round and phase the metrics show
+        self.stop_reason: str | None = None  # why the loop stops (None while running)
         self.drain_deadline: float | None = None  # set when stopping: the loop drains until then
         self.t_start = time.monotonic()
-        self.last_control = 0.0
-        self.last_report = 0.0
-        self.controller: Any = None  # the Ray actors, created by start()
-        self.store: Any = None
-        self.learner: Any = None
+        self.last_control = self.last_report = 0.0
+        self.controller = self.store = self.learner = None  # the Ray actor handles, created by start()
         self.learner_down_since: float | None = None  # while Ray restarts the learner
         self.next_learner_probe = 0.0
-        self.step_samples: dict[int, int] = {}  # samples trained per learner step (to account a rollback)
+        self.step_samples: dict[int, list[str]] = {}  # sample ids trained per learner step (to account a rollback)
         self.breaker = OutageBreaker(cfg.cluster.judge_outage_failure_rate, cfg.cluster.judge_outage_pause_s)
         c = cfg.cluster
+        self.pusher = WeightPusher(c.weight_transport)
+        launch = getattr(cfg.judge, "launch", None)
+        self.judges = None if launch is None else JudgeReplicas(cfg.run.name, launch, cfg.judge.model,
+                                                                self.run_dir / "judges", c.max_restarts)
+        self.unreadable_warned = False  # the unreadable-judge warning is printed once
         # named (srum-<run>-<role>-<i>) so operators and tests can find a given actor
-        self.samplers = ActorPool("sampler", lambda aid: ray.remote(SamplerActor).options(
+        self.samplers = ActorPool("sampler", lambda aid: remote_class(SamplerActor, c.weight_transport).options(
             name=f"srum-{cfg.run.name}-{aid}", num_cpus=c.sampler_resources.num_cpus,
             num_gpus=c.sampler_resources.num_gpus, max_restarts=c.max_restarts,
-        ).remote(components, aid, self.store), max_in_flight_per_actor=c.sampler_calls_in_flight)
+        ).remote(self.components, aid, self.store), max_in_flight_per_actor=c.sampler_calls_in_flight)
         self.scorers = ActorPool("scorer", lambda aid: ray.remote(ScorerActor).options(
             name=f"srum-{cfg.run.name}-{aid}", num_cpus=c.scorer_resources.num_cpus,
             num_gpus=c.scorer_resources.num_gpus, max_restarts=c.max_restarts, max_concurrency=c.scorer_concurrency,
-        ).remote(components, aid), max_in_flight_per_actor=c.scorer_calls_in_flight)
+        ).remote(self.components, aid), max_in_flight_per_actor=c.scorer_calls_in_flight)
 
     # ------------------------------------------------------------------ set-up
     def start(self) -> None:
-        cfg, parts = self.cfg, self.components
-        parts.prepare()  # e.g. pretrain (or find) the world's cached base, once, before any actor builds it
+        cfg = self.cfg
+        self.components.prepare()  # e.g. pretrain (or find) the world's cached base, once, before any actor builds it
         connect_ray(cfg)
+        check_resources(cfg)
         self.controller = get_or_create_controller(NAMESPACE, samplers=cfg.cluster.num_samplers,
                                                    scorers=cfg.cluster.num_scorers)
-        ray.get(self.controller.reset.remote(cfg.cluster.num_samplers, cfg.cluster.num_scorers, cfg.run.name))
+        ray.get(self.controller.reset.remote(cfg.cluster.num_samplers, cfg.cluster.num_scorers, cfg.run.name,
+                                             judges=None if self.judges is None else cfg.judge.launch.replicas))
+        if self.judges is not None:
+            self._use_judge_urls(self.judges.start())
         self.store = ray.remote(WeightStore).options(num_cpus=0).remote()
         res = cfg.cluster.learner_resources
-        self.learner = ray.remote(LearnerHost).options(
+        self.learner = remote_class(LearnerHost, cfg.cluster.weight_transport).options(
             num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=cfg.cluster.max_restarts,
-        ).remote(parts, str(self.run_dir), self.store)
+        ).remote(self.components, str(self.run_dir), self.store)
         self._resume(ray.get(self.learner.info.remote()))  # waits for the build (and a resume)
         if cfg.run.eval_every:
             self._on_eval(ray.get(self.learner.evaluate.remote()))  # the starting point
@@ -188,6 +143,8 @@ class Driver:
         service = info.get("service") or {}
         if "prompts" in service:
             self.prompts.restore(service["prompts"])
+        if self.rounds is not None:  # a round cut short starts again from its generation, with these weights
+            self.rounds.restore(service.get("rounds", {"index": 0}), self.policy_version)
         self.counts.update(service.get("counts", {}))
         if "buffer" in service:
             self.buffer.restore(service["buffer"])
@@ -201,9 +158,24 @@ class Driver:
             print(msg, flush=True)
             log.warning(msg)
 
+    def _use_judge_urls(self, urls: list[str]) -> None:
+        """Actors created from now on judge against the launched replicas at ``urls``."""
+        judge = self.components.cfg.judge.model_copy(update={"endpoints": list(urls), "launch": None})
+        cfg = self.components.cfg.model_copy(update={"judge": judge})
+        self.components = dataclasses.replace(self.components, cfg=cfg)
+
+    def _follow_judges(self) -> None:
+        """Launched judges: hand every scorer the healthy replicas' URLs when they change (and now and then)."""
+        urls = None if self.judges is None else self.judges.urls_to_announce(self.scorers.epoch)
+        if urls:
+            self._use_judge_urls(urls)
+            for member in self.scorers.active:
+                self.pending[member.handle.set_judge_endpoints.remote(urls)] = EndpointsJob(member.actor_id)
+
     def _service_state(self) -> dict[str, Any]:
         """What a resumed driver needs, stored with the learner's checkpoints: the data cursor, the counters."""
-        return {"prompts": self.prompts.state(), "counts": dict(self.counts), "buffer": self.buffer.counters()}
+        return {"prompts": self.prompts.state(), "counts": dict(self.counts), "buffer": self.buffer.counters(),
+                **({"rounds": self.rounds.state()} if self.rounds is not None else {})}
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
@@ -236,6 +208,7 @@ class Driver:
         for pool in (self.samplers, self.scorers):
             for actor_id in pool.probe():
                 self._on_dead(pool, actor_id)
+        self._follow_judges()
         if not self.draining:
             self._apply_control()
             self._submit_samples()
@@ -244,7 +217,27 @@ class Driver:
         ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=POLL_S)
         for ref in ready:
             self._handle(ref, self.pending.pop(ref))
+        self._advance_round()
         self._report()
+
+    def _advance_round(self) -> None:
+        """Rounds mode: generate -> train once the whole pool is judged -> sync once it is used up and
+        published -> the next round once every push has landed (:mod:`cluster.rounds`)."""
+        r = self.rounds
+        if r is None or self.draining:
+            return
+        busy = {type(j) for j in self.pending.values()}
+        if r.advance(kept=self.buffer.size(), generating=self._in_flight_batches() > 0, training=LearnJob in busy,
+                     pushing=PushJob in busy, version=self.policy_version, step=self.step):
+            self.reporter.log({"kind": "round", **r.status()})
+            if r.phase == "train":
+                print(f"\nsrum: round {r.index}: {r.pool} of {r.submitted} samples kept (version {r.version}); "
+                      f"training {r.epochs} epoch(s)", flush=True)
+        if (r.index, r.phase) != self.round_shown:
+            self.round_shown = (r.index, r.phase)
+            self.metrics.set(Metric.ROUND, r.index)
+            for name in ("generate", "train", "sync"):
+                self.metrics.set(Metric.ROUND_PHASE, int(name == r.phase), phase=name)
 
     def _check_budget(self) -> None:
         if self.step >= self.cfg.run.max_steps:
@@ -266,6 +259,12 @@ class Driver:
                 self.reporter.log({"kind": "scale", "role": pool.role, "to": n, "added": added, "draining": draining})
             self.metrics.set(Metric.ACTORS, n, role=pool.role, state="desired")
             self.metrics.set(Metric.ACTORS, pool.size(), role=pool.role, state="alive")
+        if self.judges is not None and want.get("judges", self.judges.size()) != self.judges.size():
+            self.judges.scale_to(want["judges"])
+            self.reporter.log({"kind": "scale", "role": "judge", "to": want["judges"]})
+        if self.judges is not None:
+            self.metrics.set(Metric.ACTORS, self.judges.size(), role="judge", state="desired")
+            self.metrics.set(Metric.ACTORS, len(self.judges.urls()), role="judge", state="alive")
         for actor_id in self.samplers.reap():
             self.lags.pop(actor_id, None)
             self.sampler_versions.pop(actor_id, None)
@@ -275,17 +274,30 @@ class Driver:
     def _in_flight_batches(self) -> int:
         return sum(isinstance(j, SampleJob | ScoreJob) for j in self.pending.values()) + len(self.waiting_for_scorer)
 
+    def _generation_budget(self) -> int:
+        """Samples that may be asked for now: rounds mode, what the round still needs; online, what keeps the
+        buffer and the batches in flight within ``cluster.ahead_batches`` learner batches and ``max_staleness - 1``
+        (a batch is one version and a sampler may lag by one: further ahead, a sample would arrive stale)."""
+        if self.rounds is not None:
+            return self.rounds.samples_left()
+        c = self.cfg.cluster
+        ahead = min(c.ahead_batches, max(1, c.max_staleness - 1)) * self.cfg.learner.batch_size  # consumed soon
+        return ahead - self.buffer.size() - self._in_flight_batches() * c.sample_batch_size
+
     def _submit_samples(self) -> None:
-        n = self.cfg.cluster.sample_batch_size
         cap = self.breaker.allowed_in_flight(self.cfg.cluster.max_in_flight_batches)  # 0 during a judge outage
-        while self._in_flight_batches() < cap:
+        min_version = None if self.rounds is None else self.rounds.version  # rounds: the round's frozen weights
+        while self._in_flight_batches() < cap and (budget := self._generation_budget()) > 0:
             member = self.samplers.pick()
             if member is None:
                 return
+            n = self.cfg.cluster.sample_batch_size if self.rounds is None else min(budget, self.cfg.cluster.sample_batch_size)
             prompts, seeds = self.prompts.take(n)
             self.samplers.started(member)
-            header_ref, batch_ref = member.handle.sample.options(num_returns=2).remote(prompts, seeds)
+            header_ref, batch_ref = member.handle.sample.options(num_returns=2).remote(prompts, seeds, min_version)
             self.pending[header_ref] = SampleJob(member.actor_id, batch_ref)
+            if self.rounds is not None:
+                self.rounds.submitted_batch(n)
 
     def _submit_scores(self) -> None:
         while self.waiting_for_scorer:
@@ -309,14 +321,22 @@ class Driver:
             self.last_eval_step = self.step
             self.pending[self.learner.evaluate.remote()] = EvalJob()
             return
-        bs = self.cfg.learner.batch_size
-        n_steps = min(self.cfg.run.max_steps - self.step, self.cfg.learner.sync_every, self.buffer.size() // bs)
+        bs, rounds = self.cfg.learner.batch_size, self.rounds
+        if rounds is not None and rounds.phase != "train":
+            return
+        # rounds: the pool is trained to its end (a short last batch too) and staleness counts from the round's
+        # version; online: full batches only, staleness from the learner's version
+        ready = -(-self.buffer.uses_left() // bs) if rounds else self.buffer.size() // bs
+        n_steps = min(self.cfg.run.max_steps - self.step, self.cfg.learner.sync_every, ready)
         if n_steps <= 0:
             return
-        batches = [self.buffer.sample(bs, self.policy_version, min_n=bs) for _ in range(n_steps)]
+        version, min_n = (rounds.version, 1) if rounds else (self.policy_version, bs)
+        batches = [self.buffer.sample(bs, version, min_n=min_n) for _ in range(n_steps)]
         batches = [b for b in batches if b]  # stale eviction may leave fewer full batches than counted
+        publish = None if rounds is None else self.buffer.size() == 0  # rounds: once, at the end of the pool
         if batches:
-            self.pending[self.learner.train.remote(batches, self._service_state())] = LearnJob(sum(map(len, batches)))
+            ids = tuple(dict.fromkeys(s.sample_id for b in batches for s in b))
+            self.pending[self.learner.train.remote(batches, self._service_state(), publish)] = LearnJob(ids)
 
     # ------------------------------------------------------------------ completions
     def _handle(self, ref: Any, job: Job) -> None:
@@ -336,6 +356,13 @@ class Driver:
                     log.warning("held-out evaluation failed (%s)", type(exc).__name__)
             case LearnerProbeJob():
                 self._on_learner_probe(ref)
+            case PushJob():
+                self._on_push(ref, job)
+            case EndpointsJob(actor_id=actor_id):
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError as exc:  # a dead or restarting scorer: its pool finds out
+                    log.info("scorer %s did not take the judge URLs (%s)", actor_id, type(exc).__name__)
 
     def _on_sample(self, ref: Any, actor_id: str, batch_ref: Any) -> None:
         try:
@@ -365,8 +392,12 @@ class Driver:
                 self._on_dead(self.scorers, job.actor_id)
             return
         self.scorers.finished(job.actor_id)
+        records = summary.records
+        if self.rounds is not None:  # a round's pool is one version's: a sampler that missed it made stale ones
+            records = [r.model_copy(update={"drop_reason": DropReason.STALE})
+                       if not r.dropped and r.policy_version != self.rounds.version else r for r in records]
         self.buffer.add([TrainSample(rec, None if rec.dropped else tref)
-                         for rec, tref in zip(summary.records, job.tensors, strict=True)])
+                         for rec, tref in zip(records, job.tensors, strict=True)])
         self.breaker.observe(rec.drop_reason == DropReason.JUDGE_FAILED for rec in summary.records)
         self.judge_counters[job.actor_id] = summary.judge
         if summary.preview is not None:
@@ -377,7 +408,7 @@ class Driver:
         try:
             result: LearnResult = ray.get(ref)
         except ray.exceptions.RayError as exc:
-            self.buffer.mark_lost(job.samples)  # drawn, never trained: accounted, not silently "trained"
+            self.buffer.mark_lost(job.sample_ids)  # drawn, never trained: accounted, not silently "trained"
             if isinstance(exc, ray.exceptions.RayActorError):
                 self._learner_lost(exc)
                 return
@@ -389,14 +420,39 @@ class Driver:
             return
         if result.lost:
             self.buffer.mark_lost(result.lost)
-        for stats in result.steps:
+        for stats, ids in zip(result.steps, result.step_ids, strict=True):
             self.step = int(stats["step"])
             self.policy_version = int(stats["policy_version"])
-            self.step_samples[self.step] = int(stats["samples"])
+            self.step_samples[self.step] = ids
             self.last_train = stats
             self.reporter.log({"kind": "train", **stats})
         if self.step - self.last_refresh_step >= self.cfg.run.refresh_every:
             self._refresh_outputs()
+        self._push_weights(result.published)
+
+    def _push_weights(self, published: tuple[int, list[Any]] | None) -> None:
+        """Send the learner's new version to every live sampler (:mod:`cluster.push`)."""
+        if self.learner_down_since is not None:
+            return
+        live = {m.actor_id: m.handle for m in self.samplers.active if not m.restarting}
+        now = time.monotonic()
+        for ref, actor_id in self.pusher.push(self.learner, live, self.policy_version, self.samplers.epoch,
+                                              published).items():
+            self.pending[ref] = PushJob(actor_id, now)
+
+    def _on_push(self, ref: Any, job: PushJob) -> None:
+        try:
+            version = ray.get(ref)
+        except ray.exceptions.RayError as exc:  # the sampler keeps its weights; the object store is the fallback
+            self.counts["weight_push_failures"] += 1
+            self.metrics.inc(Metric.WEIGHT_SYNC_FAILURES, 1, actor=job.actor_id)
+            self.pusher.invalidate()
+            log.warning("weight push to %s failed (%s): it falls back to the object store", job.actor_id,
+                        type(exc).__name__)
+            return
+        self.counts["weight_pushes"] += 1
+        self.sampler_versions[job.actor_id] = version
+        self.metrics.observe(Metric.WEIGHT_SYNC_TIME, time.monotonic() - job.sent_at, actor=job.actor_id)
 
     # ------------------------------------------------------------------ failures
     def _learner_lost(self, exc: BaseException) -> None:
@@ -430,11 +486,10 @@ class Driver:
         samples leave the trained count (dropped as ``rolled_back``)."""
         to, was = info["step"], self.step
         undone = [s for s in self.step_samples if s > to]
-        samples = sum(self.step_samples.pop(s) for s in undone)
-        if samples:
-            self.buffer.mark_lost(samples, DropReason.ROLLED_BACK)
+        samples = self.buffer.mark_lost([i for s in undone for i in self.step_samples.pop(s)], DropReason.ROLLED_BACK)
         self.step, self.policy_version = to, info["policy_version"]
         self.counts["learner_restarts"] += 1
+        self.pusher.invalidate()  # the learner is a new process: a new group (RDT)
         down = time.monotonic() - self.learner_down_since
         self.learner_down_since = None
         self.reporter.log({"kind": "rollback", "from_step": was, "to_step": to, "samples": samples,
@@ -457,13 +512,9 @@ class Driver:
             log.info("controller did not take the new %s count: %s", pool.role, exc)
 
     def _on_eval(self, result: dict[str, Any]) -> None:
-        self.last_eval_step = result["step"]
-        self.last_eval = result
+        self.last_eval_step, self.last_eval = result["step"], result
         self.reporter.log({"kind": "eval", **result})
-        cats = ", ".join(f"{k} {100 * v:.0f}%" for k, v in result.items()
-                         if k not in ("overall", "n", "step", "policy_version", "eval_seconds"))
-        print(f"\nsrum: held-out accuracy at step {result['step']}: {100 * result['overall']:.1f}% ({cats})",
-              flush=True)
+        print(f"\n{format_eval(result)}", flush=True)
 
     # ------------------------------------------------------------------ reporting and shutdown
     def status(self) -> dict[str, Any]:
@@ -479,11 +530,14 @@ class Driver:
             "lags": dict(self.lags), "sampler_versions": dict(self.sampler_versions),
             "max_lag": max(self.lags.values(), default=0),
             "judge": self.judge_counters, "judge_failed": buf["dropped"].get(DropReason.JUDGE_FAILED.value, 0),
+            "judge_unread": buf["dropped"].get(DropReason.NO_GLOBAL_SCORE.value, 0),
             "judge_outage": {"pauses": self.breaker.pauses, "paused_s": self.breaker.paused_seconds,
                              "paused": self.breaker.paused()},
             "learner_restarting": self.learner_down_since is not None,
             "num_samplers": self.samplers.size(), "num_scorers": self.scorers.size(),
             "counts": dict(self.counts), "stop_reason": self.stop_reason, "heldout": self.last_eval,
+            "mode": self.cfg.cluster.mode, **({"round": self.rounds.status()} if self.rounds is not None else {}),
+            **({"judges": self.judges.status()} if self.judges is not None else {}),
         }
 
     def _report(self, force: bool = False) -> None:
@@ -494,17 +548,15 @@ class Driver:
         status = self.status()
         self.controller.set_status.remote(status)
         self.reporter.show(status, force=force)
+        self._warn_unreadable_judge(status["buffer"])
 
-    def _learner_call(self, method: str) -> Any:
-        """``learner.<method>()``, waiting (up to ``cluster.learner_restart_timeout_s``) while it restarts."""
-        deadline = time.monotonic() + self.cfg.cluster.learner_restart_timeout_s
-        while True:
-            try:
-                return ray.get(getattr(self.learner, method).remote())
-            except ray.exceptions.ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(PROBE_EVERY_S)
+    def _warn_unreadable_judge(self, buf: dict[str, Any]) -> None:
+        """Once: nearly every answer so far had no readable global score (the loop has nothing to train on)."""
+        msg = None if self.unreadable_warned else unreadable_judge_warning(buf, self.cfg.judge.mode)
+        if msg is not None:
+            self.unreadable_warned = True
+            print(msg, flush=True)
+            log.warning(msg)
 
     def _refresh_outputs(self) -> None:
         self.last_refresh_step = self.step
@@ -513,8 +565,7 @@ class Driver:
 
     def finish(self) -> dict[str, Any]:
         if self.learner is None:  # failed while starting: nothing to drain
-            self.samplers.shutdown()
-            self.scorers.shutdown()
+            self._shutdown_actors()
             return {"stop_reason": self.stop_reason, "step": self.step}
         lost = sum(j.header.n for j in self.pending.values() if isinstance(j, ScoreJob))
         lost += sum(h.n for h, _ in self.waiting_for_scorer)
@@ -523,8 +574,8 @@ class Driver:
         self.buffer.release()
         try:
             if self.cfg.run.eval_every and self.last_eval_step != self.step:
-                self._on_eval(self._learner_call("evaluate"))
-            final = self._learner_call("stop")  # the final checkpoint
+                self._on_eval(call_while_restarting(self.learner, "evaluate", self.cfg.cluster.learner_restart_timeout_s))
+            final = call_while_restarting(self.learner, "stop", self.cfg.cluster.learner_restart_timeout_s)  # final checkpoint
             self.step = final["step"]
         except ray.exceptions.RayError as exc:  # the outputs below are written anyway
             log.error("the learner could not write its final checkpoint: %s", exc)
@@ -536,7 +587,14 @@ class Driver:
         self.reporter.close()
         self.reporter.log({"kind": "final", **status})
         self._refresh_outputs()
-        self.samplers.shutdown()
-        self.scorers.shutdown()
+        self.pusher.close()
+        self._shutdown_actors()
         print(f"srum: stopped ({self.stop_reason}) at step {self.step}; outputs in {self.run_dir}", flush=True)
         return status
+
+    def _shutdown_actors(self) -> None:
+        self.samplers.shutdown()
+        self.scorers.shutdown()
+        if self.judges is not None:
+            self.judges.shutdown()
+        release_controller(self.controller)

@@ -54,6 +54,7 @@ class ActorPool:
         self.members: dict[str, Member] = {}
         self._next_index = 0
         self.dead = 0  # members removed because Ray would not restart them
+        self.epoch = 0  # +1 whenever the set of live processes changes (added, removed, restarted)
 
     @property
     def active(self) -> list[Member]:
@@ -72,6 +73,7 @@ class ActorPool:
             self._next_index += 1
             self.members[actor_id] = Member(actor_id, self.factory(actor_id))
             added += 1
+            self.epoch += 1
         # drain the newest first: the oldest have warm caches and the longest history
         for member in sorted(self.active, key=lambda m: int(m.actor_id.rsplit("-", 1)[1]), reverse=True):
             if self.size() <= n:
@@ -131,6 +133,7 @@ class ActorPool:
             try:
                 ray.get(ready[0])
                 m.restarting, m.consecutive_failures = False, 0
+                self.epoch += 1
                 log.info("%s is back after a restart", m.actor_id)
             except ray.exceptions.ActorDiedError as exc:
                 self._remove_dead(m, exc)
@@ -145,6 +148,7 @@ class ActorPool:
                   "pool (%s)", member.actor_id, self.role, str(error).splitlines()[0] if str(error) else type(error))
         self.members.pop(member.actor_id, None)
         self.dead += 1
+        self.epoch += 1
         return True
 
     def reap(self) -> list[str]:
@@ -162,6 +166,7 @@ class ActorPool:
         for m in done:
             ray.kill(m.handle, no_restart=True)  # a dead actor's failed stop() needs no answer
             del self.members[m.actor_id]
+            self.epoch += 1
         return [m.actor_id for m in done]
 
     def shutdown(self, timeout_s: float = STOP_GRACE_S) -> None:

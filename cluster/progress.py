@@ -22,7 +22,7 @@ from typing import Any, TextIO
 import numpy as np
 from PIL import Image, ImageDraw
 
-from core.records import Region, SampleRecord
+from core.records import DropReason, Region, SampleRecord
 
 PLOT_KEYS = (
     ("loss", "learner loss"),
@@ -31,8 +31,9 @@ PLOT_KEYS = (
     ("mean_alpha", "mean alpha"),
 )
 # the progress line is printed again only when one of these changed (rates alone do not count)
-CHANGE_KEYS = ("step", "images", "trained", "buffer_size", "policy_version", "max_lag", "judge_failed",
+CHANGE_KEYS = ("step", "images", "trained", "buffer_size", "policy_version", "max_lag", "judge_failed", "judge_unread",
                "num_samplers", "num_scorers", "stop_reason")
+UNREADABLE_MIN = 64  # judged samples before a judge whose answers cannot be read is reported
 REASON_CHARS = 160  # a region's reason as the gallery shows it
 
 
@@ -50,9 +51,28 @@ def format_progress(status: dict[str, Any]) -> str:
         f"img/s {num('images_per_s')} | trained/s {num('trained_per_s')} | "
         f"g {num('mean_global_score', '{:+.2f}')} | loss {num('loss', '{:.4f}')} | "
         f"buffer {num('buffer_size', '{:d}')} | v{num('policy_version', '{:d}')} "
-        f"lag {num('max_lag', '{:d}')} | judge fail {num('judge_failed', '{:d}')} | "
+        f"lag {num('max_lag', '{:d}')} | judge fail {num('judge_failed', '{:d}')} unread {num('judge_unread', '{:d}')} | "
         f"samplers {num('num_samplers', '{:d}')} scorers {num('num_scorers', '{:d}')}"
     )
+
+
+def format_eval(result: dict[str, Any]) -> str:
+    """One line for a held-out evaluation: overall and per-category accuracy."""
+    cats = ", ".join(f"{k} {100 * v:.0f}%" for k, v in result.items()
+                     if k not in ("overall", "n", "step", "policy_version", "eval_seconds"))
+    return f"srum: held-out accuracy at step {result['step']}: {100 * result['overall']:.1f}% ({cats})"
+
+
+def unreadable_judge_warning(buffer_stats: dict[str, Any], judge_mode: str, min_judged: int = UNREADABLE_MIN) -> str | None:
+    """The warning for a judge whose answers carry no readable global score (a model that ignores the format,
+    the wrong ``judge.mode``): at least ``min_judged`` samples, 90 % of them unread. None otherwise."""
+    unread = buffer_stats["dropped"].get(DropReason.NO_GLOBAL_SCORE.value, 0)
+    generated = buffer_stats["generated"]
+    if generated < min_judged or unread < 0.9 * generated:
+        return None
+    return (f"srum: WARNING: {unread} of the {generated} samples judged so far had no readable global score "
+            f"(judge.mode={judge_mode}): nothing to train on; see the judge counters (parse_failed, ambiguous) "
+            "in `srum status` and the judge's answers in the gallery")
 
 
 class ProgressReporter:

@@ -30,10 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 __all__ = [
     "DEFAULT_PROMPTS_PATH", "BagelJudgeConfig", "BagelPolicyConfig", "ClusterConfig", "ComponentsRegionsConfig",
-    "DiffusersPolicyConfig",
+    "DiffusersPolicyConfig", "JudgeLaunchConfig",
     "GroundingRegionsConfig", "JudgeConfig", "LearnerConfig", "NoRegionsConfig", "OpenAIJudgeConfig",
     "PolicyConfig", "PromptSourceConfig", "RegionsConfig", "ResourceConfig", "RewardConfig", "RunConfig",
-    "SRUMConfig", "SamRegionsConfig", "ShapesJudgeConfig", "ShapesPolicyConfig", "TransformersJudgeConfig",
+    "EvalConfig", "SRUMConfig", "SamRegionsConfig", "ShapesJudgeConfig", "ShapesPolicyConfig", "TransformersJudgeConfig",
 ]
 
 DEFAULT_PROMPTS_PATH = "configs/prompts/default.txt"
@@ -57,7 +57,7 @@ class RunConfig(_Section):
     max_steps: int = Field(200, ge=1, description="Budget: stop after this many learner steps.")
     max_seconds: float | None = Field(None, gt=0, description="Budget: stop after this many wall-clock seconds (null = no limit).")
     refresh_every: int = Field(20, ge=1, description="Rewrite curves.png and gallery.html every N learner steps (and at the end).")
-    eval_every: int = Field(0, ge=0, description="Held-out evaluation every N learner steps, plus at start and end (0 = off; needs a world with an evaluator).")
+    eval_every: int = Field(0, ge=0, description="Evaluation every N learner steps, plus at start and end (0 = off): the world's own evaluator, else the VLM evaluator on eval.prompts.")
     eval_seeds: int = Field(2, ge=1, description="Images per held-out prompt in each evaluation.")
 
     @field_validator("name")
@@ -105,6 +105,11 @@ class DiffusersPolicyConfig(_PolicyBase):
     height: int = Field(64, ge=16, le=4096, description="Generated image height in pixels (multiple of 16).")
     width: int = Field(64, ge=16, le=4096, description="Generated image width in pixels (multiple of 16).")
     max_sequence_length: int = Field(77, ge=1, le=512, description="Max T5 prompt tokens.")
+    offload_text_encoders: bool = Field(False, description="Encode the run's prompts once when the policy is built (cluster.prompts, eval.prompts when run.eval_every, and ''), then move the text encoders to the CPU and keep the embedding cache there: T5-XXL needs no GPU memory while sampling and training (a prompt not seen then is encoded on the CPU).")
+    prompt_cache_size: int = Field(512, ge=1, description="Prompt embeddings kept in the LRU cache (raised to the precomputed prompt set's size with offload_text_encoders).")
+    vae_tiling: bool = Field(False, description="Decode latents tile by tile (AutoencoderKL.enable_tiling): bounded VAE memory at high resolution.")
+    vae_slicing: bool = Field(False, description="Decode a batch one image at a time (AutoencoderKL.enable_slicing).")
+    gradient_checkpointing: bool = Field(False, description="Recompute the denoiser's activations in the backward pass (less learner memory, more step time); sampling is unaffected.")
 
     @field_validator("height", "width")
     @classmethod
@@ -206,6 +211,37 @@ class _JudgeBase(_Section):
     on_ambiguous: Literal["drop", "neutral", "use"] = Field("drop", description="An answer read only with a doubt (another scale, conflicting scores, a clamp, ...): drop the sample, score it 0, or use the parser's best reading.")
 
 
+class JudgeLaunchConfig(_Section):
+    """Judge servers the run starts itself, one Ray actor per replica (``actors/judge_server.py``): the driver
+    waits for their health, hands their URLs to the scorers in place of ``judge.endpoints``, restarts a dead
+    one, and ``srum scale --judges N`` changes their number while the loop runs."""
+
+    replicas: int = Field(1, ge=1, le=MAX_ACTORS, description="Judge servers to start.")
+    model: str | None = Field(None, min_length=1, description="Model the servers load (hub id or local dir); null = judge.model.")
+    num_gpus: float = Field(1.0, ge=0, description="GPUs per replica (its Ray actor's num_gpus).")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per replica (its Ray actor's num_cpus).")
+    host: str = Field("127.0.0.1", min_length=1, description="Address the servers bind to: 127.0.0.1 serves scorers on the same node only; 0.0.0.0 serves the cluster (the URL then names the node's address).")
+    command: list[str] | None = Field(None, min_length=1, description="Server command with {model}, {served_model_name}, {host} and {port} filled in (null = `vllm serve {model}` with srum's flags); a free port is picked on the replica's node.")
+    extra_args: list[str] = Field(default_factory=list, description="Extra server flags appended to the command (e.g. ['--max-model-len', '4096']).")
+    env: dict[str, str | None] = Field(default_factory=dict, description="Environment variables of the server processes (e.g. VLLM_CPU_KVCACHE_SPACE; null removes one, e.g. a PYTHONPATH that would mix another venv in).")
+    ready_timeout_s: float = Field(900.0, gt=0, description="Longest wait for a replica's /health after it starts, seconds.")
+    max_restarts: int = Field(5, ge=0, description="Restarts of a replica's server process when it dies (then it is left down, counted).")
+    resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources per replica (e.g. {'judge': 1} to place replicas on a node group that advertises it).")
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: x for k, x in v.items() if x < 0}
+        if bad:
+            raise ValueError(f"custom resource amounts must be >= 0, got {bad}")
+        if any(not k for k in v):
+            raise ValueError("a custom resource needs a non-empty name")
+        reserved = sorted(set(v) & {"CPU", "GPU"})
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)}: set by num_cpus / num_gpus, not as a custom resource")
+        return v
+
+
 class OpenAIJudgeConfig(_JudgeBase):
     """An OpenAI-compatible chat-completions server (vLLM in production), one or more endpoints."""
 
@@ -223,6 +259,14 @@ class OpenAIJudgeConfig(_JudgeBase):
     backoff_s: float = Field(0.5, ge=0, description="Base of the exponential backoff between retries, seconds.")
     max_in_flight_per_endpoint: int = Field(16, ge=1, description="Cap on concurrent requests per endpoint (the backpressure).")
     health_check: bool = Field(True, description="Check each endpoint (GET /v1/models: up, and serving `model`) before use.")
+    launch: JudgeLaunchConfig | None = Field(None, description="Start the judge servers inside the job (null = use the running servers of `endpoints`).")
+
+    @model_validator(mode="after")
+    def _launch_or_endpoints(self) -> OpenAIJudgeConfig:
+        if self.launch is not None and "endpoints" in self.model_fields_set:
+            raise ValueError("judge.endpoints and judge.launch are both set: launched replicas provide the endpoints "
+                             "(drop one of them)")
+        return self
 
     def api_key_value(self) -> str:
         """The key to send: ``$api_key_env`` when that variable is set, else ``api_key``."""
@@ -359,8 +403,8 @@ class RewardConfig(_Section):
 # ----------------------------------------------------------------------------------------- learner
 class LearnerConfig(_Section):
     TRAINING_FIELDS: ClassVar[tuple[str, ...]] = (
-        "lr", "betas", "eps", "weight_decay", "warmup_steps", "grad_clip", "lambda_c", "weight_floor",
-        "timestep_shift", "logit_mean", "logit_std", "ema_decay", "mixed_precision")
+        "lr", "betas", "eps", "weight_decay", "warmup_steps", "grad_clip", "lambda_c", "constraint", "weight_floor",
+        "timestep_shift", "logit_mean", "logit_std", "ema_decay", "ema_warmup_steps", "mixed_precision")
     """Fields whose change alters the optimisation: resuming across a change of one is an error."""
 
     lr: float = Field(2.5e-5, gt=0, le=1, description="AdamW learning rate (paper: 2.5e-5).")
@@ -372,11 +416,13 @@ class LearnerConfig(_Section):
     warmup_steps: int = Field(500, ge=0, description="Linear LR warm-up steps, then constant (paper: 500).")
     grad_clip: float | None = Field(1.0, gt=0, description="Gradient-norm clip (paper: 1.0; null = no clipping).")
     lambda_c: float = Field(0.5, ge=0, description="Weight of the reference (constraint) term L_ref (paper: 0.5).")
-    weight_floor: float | None = Field(0.0, description="Floor of the per-pixel weight a*R + lambda_c (keeps the loss bounded; null = none).")
+    constraint: Literal["sample", "reference"] = Field("sample", description="What L_ref holds the velocity to: 'sample' = the sample's own target eps - x0 (the paper's Eq. 2 as written); 'reference' = the frozen base's velocity at the same x_t (the KL reading; one extra no-grad forward per step).")
+    weight_floor: float | None = Field(0.0, description="Floor of the per-pixel weight on the sample's error: a*R + lambda_c (constraint 'sample') or a*R ('reference'); keeps the loss bounded (null = none).")
     timestep_shift: float = Field(4.0, gt=0, description="SD3 timestep shift (paper Table 6: 4.0; released code: 1.0).")
     logit_mean: float = Field(0.0, description="Mean of the logit-normal timestep distribution.")
     logit_std: float = Field(1.0, gt=0, description="Std of the logit-normal timestep distribution.")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA decay of trained weights (null = off; released code: 0.9999).")
+    ema_warmup_steps: int = Field(10, ge=0, description="EMA warm-up: the decay at step s is min(ema_decay, (1 + s) / (ema_warmup_steps + s)), so a short run's EMA is not stuck at the base (0 or 1 = the constant ema_decay).")
     batch_size: int = Field(4, ge=1, description="Samples per learner step.")
     sync_every: int = Field(1, ge=1, description="Publish weights to samplers every N learner steps.")
     checkpoint_every: int = Field(100, ge=0, description="Save a checkpoint every N steps (0 = only the final one).")
@@ -410,6 +456,10 @@ class ClusterConfig(_Section):
     max_staleness: int = Field(4, ge=0, description="Drop samples whose policy version lags the learner by more than this.")
     recency_bias: float = Field(0.0, ge=0, description="Sampling preference for recent samples (0 = uniform).")
     max_in_flight_batches: int = Field(4, ge=1, description="Bound on sample batches being generated or scored (backpressure).")
+    mode: Literal["online", "rounds"] = Field("online", description="online: samplers generate continuously with the latest weights; rounds: generate a pool of round_samples from one frozen version, train round_epochs epochs over it, publish, repeat (the paper's recipe, iterated).")
+    round_samples: int = Field(256, ge=1, description="Rounds mode: samples generated and judged per round, all with the round's frozen weights.")
+    round_epochs: int = Field(4, ge=1, description="Rounds mode: epochs over the round's pool (each kept sample is served this many times).")
+    ahead_batches: int = Field(4, ge=1, description="Generate at most this many learner batches ahead of the learner (in the buffer or in flight), and at most max_staleness - 1: more would only go stale or be evicted.")
     sampler_calls_in_flight: int = Field(2, ge=1, description="Sample calls queued per sampler actor (2 = the next batch is ready when one finishes).")
     scorer_calls_in_flight: int = Field(4, ge=1, description="Score calls in flight per scorer actor (its batches are judged concurrently).")
     scorer_concurrency: int = Field(8, ge=1, description="Ray max_concurrency of each async scorer actor (bounds its concurrent calls).")
@@ -418,8 +468,58 @@ class ClusterConfig(_Section):
     judge_outage_failure_rate: float = Field(0.5, gt=0, le=1, description="Pause sampling when at least this share of the recent scored samples failed in the judge (1 = only when all failed).")
     judge_outage_pause_s: float = Field(5.0, gt=0, description="First pause of sampling during a judge outage; doubles while it lasts (at most 60 s), one probe batch between pauses.")
     max_restarts: int = Field(3, ge=-1, description="Ray actor restarts on failure (-1 = unlimited).")
+    weight_transport: Literal["object_store", "gloo", "nccl"] = Field("object_store", description="How new weights reach the samplers: pulled through Ray's object store, or pushed by Ray Direct Transport over gloo (CPU) or NCCL (GPUs), with the object store as the fallback.")
     prompts: PromptSourceConfig = Field(default_factory=PromptSourceConfig, description="Prompt source.")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Ray metrics export port (null = Ray's choice).")
+
+    @model_validator(mode="after")
+    def _check(self) -> ClusterConfig:
+        if self.mode == "rounds" and self.buffer_capacity < self.round_samples:
+            raise ValueError(f"cluster.buffer_capacity ({self.buffer_capacity}) must hold a round's pool "
+                             f"(cluster.round_samples = {self.round_samples}) in rounds mode")
+        if self.weight_transport == "nccl":
+            fractional = {role: r.num_gpus for role, r in (("learner", self.learner_resources),
+                                                          ("sampler", self.sampler_resources))
+                          if r.num_gpus < 1 or r.num_gpus != int(r.num_gpus)}
+            if fractional:
+                raise ValueError(
+                    "cluster.weight_transport='nccl' needs whole GPUs for the learner and each sampler (NCCL cannot "
+                    "put two ranks on one device); got num_gpus " + ", ".join(f"{k}={v:g}" for k, v in fractional.items())
+                    + ": use weight_transport='object_store' when actors share a GPU")
+        return self
+
+
+# -------------------------------------------------------------------------------------------- eval
+class EvalPromptsConfig(PromptSourceConfig):
+    path: str | None = Field(None, min_length=1, description="Evaluation prompt file (GenEval .jsonl, T2I-CompBench .json, .txt; relative = to the working dir, then the repo); null = the world's held-out prompts (shapes).")
+    shuffle: bool = Field(False, description="Unused by evaluation (prompts are taken in file order).")
+
+
+class EvalConfig(_Section):
+    """Evaluation of generated images (`srum eval`, and the in-run phase `run.eval_every` for policies whose
+    world has no evaluator of its own): k images per prompt graded 0-100 by a VLM with the evaluation prompt
+    of rewards/eval_prompts.py (not the reward's), or the shapes world's geometric evaluator."""
+
+    prompts: EvalPromptsConfig = Field(default_factory=EvalPromptsConfig, description="Evaluation prompts: file, format, categories, limit.")
+    seed: int = Field(10_000, ge=0, description="Seed of the first evaluation image; image j of prompt i uses seed + i * k + j, the same for every model compared.")
+    judge_model: str | None = Field(None, min_length=1, description="OpenAI backend only: the evaluator's served model when it differs from the judge section's (e.g. a larger VLM; null = the same).")
+    judge_endpoints: list[str] | None = Field(None, min_length=1, description="OpenAI backend only: the evaluator's server URLs when they differ from the judge section's (null = the same).")
+    mode: Literal["structured", "text"] = Field("structured", description="How the grade is read: JSON-schema output {score 0-100, explanation} or parsed 'Score:' text.")
+    max_tokens: int = Field(256, ge=8, description="Max tokens of one grading answer.")
+    batch_size: int = Field(8, ge=1, description="Prompts per sampler call while generating evaluation images.")
+    num_samplers: int = Field(1, ge=1, le=MAX_ACTORS, description="Sampler actors of `srum eval` (resources: cluster.sampler_resources).")
+
+    @field_validator("judge_endpoints")
+    @classmethod
+    def _urls(cls, v: list[str] | None) -> list[str] | None:
+        from pydantic import ValidationError
+
+        if v is not None:
+            try:
+                OpenAIJudgeConfig(endpoints=v)  # the same rules as judge.endpoints
+            except ValidationError as exc:
+                raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        return v
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -431,6 +531,7 @@ class SRUMConfig(_Section):
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward-map semantics and ablations.")
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Loss and optimiser recipe.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray actors, buffer and prompts.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation: prompts, grader and samplers of `srum eval` and run.eval_every.")
 
     @model_validator(mode="after")
     def _check(self) -> SRUMConfig:
@@ -439,4 +540,7 @@ class SRUMConfig(_Section):
                 f"cluster.buffer_capacity ({self.cluster.buffer_capacity}) must be >= "
                 f"learner.batch_size ({self.learner.batch_size})"
             )
+        if (self.eval.judge_model or self.eval.judge_endpoints) and self.judge.backend != "openai":
+            raise ValueError(f"eval.judge_model / eval.judge_endpoints need judge.backend='openai' (got "
+                             f"{self.judge.backend!r}); the evaluator otherwise grades with the judge section's model")
         return self

@@ -57,6 +57,8 @@ class Metric(StrEnum):
     SAMPLER_BATCH_TIME = "srum_sampler_batch_seconds"
     SCORER_SAMPLE_TIME = "srum_scorer_sample_seconds"
     ACTORS = "srum_actors"
+    ROUND = "srum_round"
+    ROUND_PHASE = "srum_round_phase"
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,11 @@ METRIC_SPECS: dict[str, MetricSpec] = _specs(
                STEP_BOUNDS_S),
     MetricSpec(Metric.SCORER_SAMPLE_TIME, "histogram", "Scorer time per sample (regions + judge + reward map).",
                ("actor",), LATENCY_BOUNDS_S),
-    MetricSpec(Metric.ACTORS, "gauge", "Actors by role (sampler, scorer) and state (desired, alive).", ("role", "state")),
+    MetricSpec(Metric.ACTORS, "gauge", "Actors by role (sampler, scorer, judge) and state (desired, alive).",
+               ("role", "state")),
+    MetricSpec(Metric.ROUND, "gauge", "Rounds mode: the current round (0, 1, ...)."),
+    MetricSpec(Metric.ROUND_PHASE, "gauge", "Rounds mode: 1 for the current phase (generate, train, sync), 0 for "
+               "the others.", ("phase",)),
 )
 
 ALL_METRICS: tuple[str, ...] = tuple(METRIC_SPECS)

@@ -20,9 +20,11 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config names -> dtypes
+
 ADAPTER_NAME = "default"  # the peft adapter name of a LoRA policy
 
-__all__ = ["ADAPTER_NAME", "Conditioning", "Evaluator", "Policy", "PromptCache", "SampleBatch", "TrainableState", "resolve_device"]
+__all__ = ["ADAPTER_NAME", "DTYPES", "Conditioning", "Evaluator", "Policy", "PromptCache", "SampleBatch", "TrainableState", "resolve_device"]
 
 
 @dataclass
@@ -78,8 +80,10 @@ class Policy(Protocol):
     def trainable_state(self) -> tuple[int, dict[str, torch.Tensor]]:
         """``(version, {key: CPU tensor copy})`` of the trainable tensors."""
 
-    def load_trainable_state(self, state: Mapping[str, torch.Tensor], version: int | None = None) -> None:
-        """Copy ``state`` into the trainable tensors (names and shapes must match)."""
+    def load_trainable_state(self, state: Mapping[str, torch.Tensor], version: int | None = None, *,
+                             share: bool = False) -> None:
+        """Copy ``state`` into the trainable tensors (names and shapes must match); ``share=True`` lets a
+        policy that never writes its weights (a sampler's) use CPU tensors of the right dtype in place."""
 
 
 @runtime_checkable
@@ -126,8 +130,14 @@ class TrainableState:
         return self.version, {k: p.detach().to("cpu", copy=True) for k, p in self._params.items()}
 
     @torch.no_grad()
-    def load_trainable_state(self, state: Mapping[str, torch.Tensor], version: int | None = None) -> None:
+    def load_trainable_state(self, state: Mapping[str, torch.Tensor], version: int | None = None, *,
+                             share: bool = False) -> None:
         """Copy ``state`` into the trainable tensors; names and shapes must match exactly.
+
+        ``share=True``: a CPU parameter whose new value is a CPU tensor of its dtype takes that tensor as its
+        data instead of a copy (a sampler's zero-copy load of an object-store array, read-only memory that a
+        policy used only for sampling never writes); other parameters are copied. Never for a policy that
+        trains.
 
         Raises ``ValueError`` naming the first few missing, unexpected and mis-shaped keys.
         """
@@ -145,7 +155,11 @@ class TrainableState:
                     parts.append(f"{len(items)} {label}: {items[:5]}{more}")
             raise ValueError("trainable state does not match this policy: " + "; ".join(parts))
         for k, p in self._params.items():
-            p.copy_(state[k])
+            v = state[k]
+            if share and p.device.type == "cpu" and v.device.type == "cpu" and v.dtype == p.dtype:
+                p.data = v
+            else:
+                p.copy_(v)
         if version is not None:
             self.version = int(version)
 

@@ -69,7 +69,8 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -128,7 +129,7 @@ def _write(root: Path, final: Path, state: Mapping[str, Any]) -> None:
         for f in files:
             _fsync_file(tmp / f)
         meta = {"format": FORMAT_VERSION, **info, "ema": ema is not None,
-                "files": {f: _sha256(tmp / f) for f in files}, "saved_at": time.time()}
+                "files": {f: file_sha256(tmp / f) for f in files}, "saved_at": time.time()}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         _fsync_file(tmp / META_FILE)
         _fsync_dir(tmp)
@@ -243,7 +244,7 @@ def _verify(step_dir: Path, meta: dict[str, Any]) -> None:
         path = step_dir / name
         if not path.exists():
             raise CheckpointError(f"checkpoint file missing: {path}")
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             raise CheckpointError(f"checkpoint file corrupted (sha256 mismatch): {path}")
 
 

@@ -7,8 +7,11 @@ A plain class (``cluster/`` makes it a Ray actor). Per :meth:`Learner.train_step
    the learner's own seeded CPU generator (reproducible on any device, restored on resume);
 3. ``x_t = (1 - t) x0 + t noise``; ``v = policy.velocity(x_t, t)`` (bf16 autocast on CUDA when
    ``mixed_precision`` is "auto"/"bf16");
-4. ``srum_loss`` with each sample's reward map ``R`` and global weight ``alpha``;
-5. backward, grad-norm clip, AdamW (linear warm-up then constant LR), optional EMA.
+4. ``srum_loss`` with each sample's reward map ``R`` and global weight ``alpha``; with
+   ``learner.constraint: reference`` the constraint holds ``v`` to the frozen base's velocity at the same
+   ``x_t`` (one no-grad forward with the base's trainable tensors swapped in) instead of the sample's target;
+5. backward, grad-norm clip, AdamW (linear warm-up then constant LR), optional EMA (with a warm-up of its
+   decay, :func:`ema_decay_at`).
 
 A non-finite loss or gradient norm skips the step: gradients are dropped, the optimiser, scheduler,
 EMA and weights are left untouched, ``skipped_steps`` is incremented (the RNG draws of the skipped
@@ -59,6 +62,15 @@ class WarmupConstant:
         return min(1.0, (step + 1) / self.warmup_steps)
 
 
+def ema_decay_at(step: int, decay: float, warmup_steps: int) -> float:
+    """EMA decay of the update after ``step`` applied steps: ``min(decay, (1 + step) / (warmup_steps + step))``
+    (0.1, 0.18, 0.25, ... for warmup_steps=10), so the EMA follows the weights early instead of staying at the
+    base for ~1/(1 - decay) steps; ``warmup_steps`` <= 1 gives the constant ``decay``."""
+    if warmup_steps <= 1:
+        return decay
+    return min(decay, (1.0 + step) / (warmup_steps + step))
+
+
 def training_hash(policy_cfg: PolicyConfig, learner_cfg: LearnerConfig) -> str:
     """sha256 over the fields that change the optimisation (each section's ``TRAINING_FIELDS``)."""
     data = {name: {k: section.model_dump(mode="json")[k] for k in section.TRAINING_FIELDS}
@@ -96,6 +108,10 @@ class Learner:
         self.scheduler = LambdaLR(self.optimizer, WarmupConstant(c.warmup_steps))
         self.ema: list[torch.Tensor] | None = (
             [p.detach().float().clone() for p in self.params] if c.ema_decay else None)
+        # constraint 'reference': the frozen base's trainable tensors, taken here, before any resume (LoRA: the
+        # adapter's initial state, whose output is zero, so only the adapter's size is held twice)
+        self.reference: list[torch.Tensor] | None = (
+            [p.detach().clone() for p in self.params] if c.constraint == "reference" else None)
         mp = c.mixed_precision
         use_bf16 = mp == "bf16" or (mp == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
@@ -120,10 +136,11 @@ class Learner:
                              generator=self.generator).to(dev)
         noise = torch.randn(x0.shape, generator=self.generator, dtype=torch.float32).to(dev)
         x_t = rf_interpolate(x0, noise, t)
+        v_ref = self._reference_velocity(x_t, t, cond) if self.reference is not None else None
         with self._autocast():
             v = self.policy.velocity(x_t, t, cond=cond)
         parts = srum_loss(v, noise, x0, b.R.to(dev), b.alpha.to(dev), lambda_c=c.lambda_c,
-                          weight_floor=c.weight_floor)
+                          weight_floor=c.weight_floor, v_ref=v_ref)
         lr = self.scheduler.get_last_lr()[0]
         parts.total.backward()
         max_norm = c.grad_clip if c.grad_clip is not None else math.inf
@@ -139,7 +156,7 @@ class Learner:
             if self.ema is not None:
                 with torch.no_grad():
                     torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params],
-                                         1.0 - float(c.ema_decay))
+                                         1.0 - ema_decay_at(self.step, float(c.ema_decay), c.ema_warmup_steps))
             self.step += 1
             self.policy.version += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -148,6 +165,20 @@ class Learner:
             "step_time_s": time.perf_counter() - t0, "samples": float(n), "skipped": float(skipped),
             "step": float(self.step), "version": float(self.policy.version),
         }
+
+    @torch.no_grad()
+    def _reference_velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """The frozen reference's velocity at ``(x_t, t)``: the trainable tensors are swapped for the base's
+        for one no-grad forward, then put back (same storage, nothing copied)."""
+        current = [p.data for p in self.params]
+        try:
+            for p, r in zip(self.params, self.reference, strict=True):
+                p.data = r
+            with self._autocast():
+                return self.policy.velocity(x_t, t, cond=cond).detach()
+        finally:
+            for p, d in zip(self.params, current, strict=True):
+                p.data = d
 
     # ------------------------------------------------------------------------------------- EMA
     def ema_state(self) -> dict[str, torch.Tensor] | None:

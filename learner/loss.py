@@ -8,7 +8,13 @@ reward-weighted flow-matching MSE plus a constraint (reference) term:
     L_ref = mean((v - (eps - x0))^2)
     L     = mean(max(alpha * R + lambda_c, weight_floor) * (v - (eps - x0))^2)
 
-so ``L == L_r + lambda_c * L_ref`` whenever the floor is inactive.
+so ``L == L_r + lambda_c * L_ref`` whenever the floor is inactive: the constraint as the paper's Eq. 2
+writes it (``learner.constraint: sample``). The KL reading (``reference``) holds the velocity to a frozen
+reference policy's velocity ``v_ref`` at the same ``x_t`` instead (for two flow policies the KL is, up to a
+weight per timestep, the squared distance between their velocities):
+
+    L_ref = mean((v - v_ref)^2)
+    L     = mean(max(alpha * R, weight_floor) * (v - (eps - x0))^2) + lambda_c * L_ref
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["LossParts", "rf_interpolate", "rf_target", "sample_timesteps", "srum_loss"]
+__all__ = ["LossParts", "exact_fit_accuracy", "rf_interpolate", "rf_target", "sample_loss_weight", "sample_timesteps",
+           "srum_loss"]
 
 # Timesteps are kept in [_T_EPS, 1 - _T_EPS] so they are strictly inside (0, 1) in float32.
 _T_EPS = 1e-6
@@ -109,6 +116,7 @@ def srum_loss(
     alpha: torch.Tensor | float,
     lambda_c: float = 0.5,
     weight_floor: float | None = 0.0,
+    v_ref: torch.Tensor | None = None,
 ) -> LossParts:
     """SRUM loss for a batch: reward-weighted flow matching plus the reference constraint.
 
@@ -128,6 +136,9 @@ def srum_loss(
     simply stops being pulled toward its own sample instead of being pushed away from it forever.
     ``weight_floor=None`` disables the floor (the paper's literal formula; unbounded below in
     signed mode). In the ``official`` semantics ``R >= 0`` so the floor never binds.
+
+    ``v_ref`` (same shape as ``v_pred``, treated as a constant): the constraint reads ``lambda_c *
+    mean((v_pred - v_ref)^2)`` (returned as ``l_ref``) and the floor applies to ``alpha * R`` alone.
 
     The computation runs in float32 with autocast disabled, whatever the input dtypes (bf16 inputs
     are cast; gradients still flow back to ``v_pred`` in its own dtype). ``weight_map`` and ``alpha``
@@ -151,6 +162,8 @@ def srum_loss(
         raise ValueError(f"lambda_c must be finite and >= 0, got {lambda_c!r}")
     if weight_floor is not None and not math.isfinite(weight_floor):
         raise ValueError(f"weight_floor must be finite or None, got {weight_floor!r}")
+    if v_ref is not None and v_ref.shape != v_pred.shape:
+        raise ValueError(f"v_ref shape {list(v_ref.shape)} != v_pred shape {list(v_pred.shape)}")
 
     with _autocast_off(v_pred.device):
         v = v_pred.float()
@@ -162,11 +175,39 @@ def srum_loss(
 
         err = (v - target).square()
         reward_w = a * R  # [B, 1, h, w]
-        total_w = reward_w + lambda_c
+        total_w = reward_w + lambda_c if v_ref is None else reward_w
         if weight_floor is not None:
             total_w = total_w.clamp(min=weight_floor)
         total = (total_w * err).mean()
+        if v_ref is not None:
+            anchor = (v - v_ref.detach().float()).square().mean()
+            total = total + lambda_c * anchor
         with torch.no_grad():
             l_r = (reward_w * err).mean()
-            l_ref = err.mean()
+            l_ref = err.mean() if v_ref is None else anchor
     return LossParts(total=total, l_r=l_r.detach(), l_ref=l_ref.detach())
+
+
+# ------------------------------------------------------------------------- what exact fitting would give
+def sample_loss_weight(alpha: float, mean_R: float, lambda_c: float, constraint: str = "sample",
+                       weight_floor: float | None = 0.0) -> float:
+    """Mean per-pixel weight of :func:`srum_loss` on one sample's own error: ``alpha * mean(R) + lambda_c``
+    (constraint ``sample``) or ``alpha * mean(R)`` (``reference``: its constraint pulls toward the reference,
+    not the sample), floored as the loss floors it. Exact when the floor binds nowhere or everywhere on the
+    sample (always in the official semantics, where R >= 0)."""
+    if constraint not in ("sample", "reference"):
+        raise ValueError(f"constraint must be 'sample' or 'reference', got {constraint!r}")
+    w = alpha * mean_R + (lambda_c if constraint == "sample" else 0.0)
+    return max(w, weight_floor) if weight_floor is not None else w
+
+
+def exact_fit_accuracy(correct: list[bool], weights: list[float]) -> float:
+    """The accuracy a model that fitted a weighted pool exactly would have: each sample counts in
+    proportion to its loss weight, ``sum(w_i * correct_i) / sum(w_i)``. The bound of one round of a
+    reward-weighted regression (a pool at accuracy p with weight contrast k moves to kp / (kp + 1 - p))."""
+    if len(correct) != len(weights) or not correct:
+        raise ValueError(f"need as many weights as samples, at least one: got {len(correct)} and {len(weights)}")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError("weights must be >= 0 with a positive sum")
+    return sum(w for w, c in zip(weights, correct, strict=True) if c) / sum(weights)
+

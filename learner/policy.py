@@ -17,6 +17,13 @@ peft's ``get_peft_model_state_dict`` names for LoRA (adapter name stripped; load
 LoRA loaders with a ``transformer.`` prefix) and ``named_parameters`` names for full FT.
 Trainable tensors are kept in float32 (master weights) even when the pipeline runs in bf16/fp16.
 
+Memory (the GPU configs). ``offload_text_encoders``: the prompts given as ``precompute`` are embedded
+with the text encoders on the device *before* the denoiser is moved there (so the peak is the larger of the
+two), then the encoders stay on the CPU and the embedding cache lives in CPU memory (a batch's rows are
+copied to the device on use); a prompt not precomputed is encoded on the CPU. ``vae_tiling`` /
+``vae_slicing`` bound the VAE's decoding memory; ``gradient_checkpointing`` recomputes the transformer's
+activations in the backward pass (:mod:`learner.memory`).
+
 Guidance. SD3 uses classifier-free guidance with the empty prompt as negative (as the pipeline
 does). FLUX uses the guidance value as the distilled guidance embedding (when the transformer has
 one), both for sampling and in :meth:`DiffusersPolicy.velocity`; FLUX's "true CFG" is not used.
@@ -34,13 +41,21 @@ from typing import Any
 
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
-from peft import LoraConfig
 
 from core.config import DiffusersPolicyConfig
-from learner.base import ADAPTER_NAME, Conditioning, PromptCache, SampleBatch, TrainableState, resolve_device
+from learner.base import (
+    ADAPTER_NAME,
+    DTYPES,
+    Conditioning,
+    PromptCache,
+    SampleBatch,
+    TrainableState,
+    resolve_device,
+)
+from learner.export import lora_config
+from learner.memory import TEXT_ENCODERS, apply_placement, configure_memory, placement
 from learner.tiny import build_tiny
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PIPELINE_CLASSES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
 
 
@@ -80,6 +95,11 @@ class DiffusersPolicy(TrainableState, PromptCache):
         max_sequence_length: int = 77,
         cache_size: int = 512,
         seed: int = 0,
+        offload_text_encoders: bool = False,
+        precompute: Sequence[str] = (),
+        vae_tiling: bool = False,
+        vae_slicing: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         if kind not in PIPELINE_CLASSES:
             raise ValueError(f"policy.kind must be one of {sorted(PIPELINE_CLASSES)}, got {kind!r}")
@@ -101,7 +121,6 @@ class DiffusersPolicy(TrainableState, PromptCache):
 
         if pipe.dtype != dtype:  # from_pretrained already applied torch_dtype; tiny builds are fp32
             pipe.to(dtype=dtype)
-        pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
@@ -109,14 +128,21 @@ class DiffusersPolicy(TrainableState, PromptCache):
                 module.requires_grad_(False)
         self.pipe = pipe
         self.transformer = pipe.transformer
+        self.offload_text_encoders = offload_text_encoders
+        # offloading: embed the prompt set with the text encoders on the device BEFORE the denoiser goes there
+        # (the peak is the larger of the two, not their sum), then keep encoders and cache on the CPU
+        self._cache_device = torch.device("cpu") if offload_text_encoders else self.device
+        if offload_text_encoders and precompute:
+            apply_placement(pipe, {n: str(self.device) if n in TEXT_ENCODERS else "cpu" for n in placement(pipe, "cpu", False)})
+            self.precompute_prompts(precompute)
+        apply_placement(pipe, placement(pipe, self.device, offload_text_encoders))
+        self.memory = configure_memory(pipe, vae_tiling=vae_tiling, vae_slicing=vae_slicing,
+                                       gradient_checkpointing=gradient_checkpointing)
         if lora_rank > 0:  # LoRA A is random (B is zero): seed it, leave the global RNG alone
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                self.transformer.add_adapter(
-                    LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=list(lora_target_modules),
-                               init_lora_weights=True),
-                    adapter_name=ADAPTER_NAME,
-                )
+                self.transformer.add_adapter(lora_config(lora_rank, lora_alpha, lora_target_modules),
+                                             adapter_name=ADAPTER_NAME)
         else:
             self.transformer.requires_grad_(True)
         self.transformer.eval()
@@ -142,22 +168,43 @@ class DiffusersPolicy(TrainableState, PromptCache):
             lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
             lora_target_modules=tuple(cfg.lora_target_modules), height=cfg.height, width=cfg.width,
             num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-            max_sequence_length=cfg.max_sequence_length, seed=seed, **kwargs,
+            max_sequence_length=cfg.max_sequence_length, seed=seed, cache_size=cfg.prompt_cache_size,
+            offload_text_encoders=cfg.offload_text_encoders, vae_tiling=cfg.vae_tiling, vae_slicing=cfg.vae_slicing,
+            gradient_checkpointing=cfg.gradient_checkpointing, **kwargs,
         )
 
     # ------------------------------------------------------------------------------ conditioning
     def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.pipe.text_encoder.device  # where the encoders are now (the CPU once offloaded)
         if self.kind == "sd3":
             embeds, _, pooled, _ = self.pipe.encode_prompt(
-                prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
+                prompt=prompts, prompt_2=None, prompt_3=None, device=device,
                 do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
             )
         else:
             embeds, pooled, _ = self.pipe.encode_prompt(
-                prompt=prompts, prompt_2=None, device=self.device,
+                prompt=prompts, prompt_2=None, device=device,
                 max_sequence_length=self.max_sequence_length,
             )
-        return embeds, pooled
+        return embeds.to(self._cache_device), pooled.to(self._cache_device)
+
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        """Cached text conditioning (:class:`~learner.base.PromptCache`), on the policy's device."""
+        cond = super().encode(prompts)
+        if cond.embeds.device == self.device:
+            return cond
+        return Conditioning(cond.embeds.to(self.device, non_blocking=True), cond.pooled.to(self.device, non_blocking=True))
+
+    @torch.no_grad()
+    def precompute_prompts(self, prompts: Sequence[str], batch_size: int = 64) -> int:
+        """Embed ``prompts`` (deduplicated) into the cache, ``batch_size`` at a time, growing the cache to hold
+        them all; returns how many were encoded (those not cached yet)."""
+        texts = list(dict.fromkeys(str(p) for p in prompts))
+        self.cache_size = max(self.cache_size, len(texts) + len(self._cache))
+        before = self.cache_misses
+        for i in range(0, len(texts), batch_size):
+            PromptCache.encode(self, texts[i:i + batch_size])  # into the cache; nothing moved to the device
+        return self.cache_misses - before
 
     # -------------------------------------------------------------------------------- inference
     def _autocast(self) -> contextlib.AbstractContextManager:

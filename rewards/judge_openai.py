@@ -98,6 +98,19 @@ class EndpointPool:
         self._rr = 0
         self.waits = 0
 
+    def set_urls(self, urls: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Serve from ``urls`` from now on (a launched judge replica added, removed or moved): endpoints that
+        stay keep their counters and client; requests in flight on a removed one finish there. Returns
+        ``(added, removed)`` URLs."""
+        if not urls:
+            raise ValueError("a judge needs at least one endpoint")
+        wanted = list(dict.fromkeys(u.rstrip("/") for u in urls))
+        have = {e.url: e for e in self.endpoints}
+        added = [u for u in wanted if u not in have]
+        removed = [u for u in have if u not in wanted]
+        self.endpoints = [have.get(u) or Endpoint(u) for u in wanted]
+        return added, removed
+
     def rebind(self) -> None:
         """Forget loop-bound state (call when the event loop changed)."""
         self._cond = None
@@ -166,8 +179,18 @@ class OpenAIJudge(BaseJudge):
         self.pool.rebind()
         self._health_lock = asyncio.Lock()
         for ep in self.pool.endpoints:
-            ep.client = openai.AsyncOpenAI(base_url=ep.url, api_key=self.cfg.api_key_value(), max_retries=0,
-                                           timeout=self.cfg.timeout_s)
+            ep.client = self._client(ep.url)
+
+    def _client(self, url: str) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=url, api_key=self.cfg.api_key_value(), max_retries=0,
+                                  timeout=self.cfg.timeout_s)
+
+    def set_endpoints(self, urls: Sequence[str]) -> None:
+        """Follow the run's launched judge replicas (``judge.launch``): new URLs get a client on first use,
+        removed ones leave the balancing at once."""
+        added, removed = self.pool.set_urls(urls)
+        if added or removed:
+            log.info("judge endpoints: +%s -%s", added or "[]", removed or "[]")
 
     async def aclose(self) -> None:
         if self._loop is asyncio.get_running_loop():
@@ -228,7 +251,8 @@ class OpenAIJudge(BaseJudge):
             delay = self.cfg.backoff_s * (2 ** attempt) * (0.5 + 0.5 * random.random())
             try:
                 self.attempts += 1
-                assert ep.client is not None
+                if ep.client is None:  # an endpoint added by set_endpoints
+                    ep.client = self._client(ep.url)
                 result = await _bounded(call(ep.client), self.cfg.timeout_s)
                 ep.consecutive_failures = 0
                 return result

@@ -60,12 +60,15 @@ def uniform_weights(samples: Sequence[TrainSample], batch: SampleBatch) -> list[
 
 
 def run_local(cfg: SRUMConfig, components: Components | None = None, *, sampler: Policy | None = None,
-              weighting: Weighting = "reward", on_step: Callable[[dict[str, Any]], None] | None = None) -> LocalRun:
+              weighting: Weighting = "reward", on_step: Callable[[dict[str, Any]], None] | None = None,
+              on_scored: Callable[[list[TrainSample], SampleBatch], None] | None = None) -> LocalRun:
     """Train ``run.max_steps`` learner steps in this process.
 
     ``sampler`` generates the training samples (default: the policy being trained, i.e. on-policy; a
     frozen copy of the base gives the paper's recipe). ``weighting="uniform"`` trains on every generated
-    sample at weight 1 (the self-SFT baseline). ``on_step`` sees each step's record.
+    sample at weight 1 (the self-SFT baseline). ``on_step`` sees each step's record (``sample_ids``: the
+    samples it trained on); ``on_scored`` sees every scored batch (the samples as the buffer gets them, and
+    the generated batch with its images).
     """
     parts = components or compose(cfg)
     parts.prepare()
@@ -99,6 +102,8 @@ def run_local(cfg: SRUMConfig, components: Components | None = None, *, sampler:
                 timing["score_s"] += scored.seconds
                 scores += [s.record.global_score for s in scored.samples]
                 samples = uniform_weights(scored.samples, batch) if weighting == "uniform" else scored.samples
+                if on_scored is not None:
+                    on_scored(samples, batch)
                 empty = 0 if buffer.add(samples) else empty + 1
                 if empty >= MAX_EMPTY_ROLLOUTS:
                     raise RuntimeError(f"{empty} rollouts in a row gave no trainable sample: {buffer.stats()['dropped']}")
@@ -108,7 +113,8 @@ def run_local(cfg: SRUMConfig, components: Components | None = None, *, sampler:
             stats = learner.train_step(collate(drawn))
             record = {**stats, **timing, "train_s": time.perf_counter() - t1, "rollout_s": t1 - t0,
                       "time": time.time(), "mean_global_score": _mean([s.record.global_score for s in drawn]),
-                      "rollout_global_score": _mean(scores)}  # every sample judged for this step, dropped too
+                      "rollout_global_score": _mean(scores),  # every sample judged for this step, dropped too
+                      "sample_ids": [s.sample_id for s in drawn]}
             run.steps.append(record)
             if on_step is not None:
                 on_step(record)

@@ -63,7 +63,13 @@ def run(config: str | None, overrides: Sequence[str], summary_json: str | None =
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    summary = driver.run()
+    from cluster.ray_cluster import ClusterTooSmall
+
+    try:
+        summary = driver.run()
+    except ClusterTooSmall as exc:
+        print(f"srum: {exc}", file=sys.stderr)
+        return 2
     if summary_json:
         with open(summary_json, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, default=str)

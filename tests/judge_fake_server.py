@@ -11,12 +11,18 @@ records every request body, and the peak number of chat requests in flight. ``st
 the listening socket (connections are refused), ``start()`` reopens it on the same port.
 
 ``scene()`` is the judge tests' shared image: a red disc and a blue square on a beige background.
+``scorer_answer`` answers every prompt the scorer sends, well formed (the benchmarks' and the launched
+replicas' answer); ``python -m tests.judge_fake_server --port P`` serves it until SIGTERM.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import math
+import re
+import signal
 import socket
 import threading
 import time
@@ -42,6 +48,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+REGION_ID_RE = re.compile(r"Region ID: (\d+), box")
+
+
+def _request_text(body: dict[str, Any]) -> str:
+    """The user text of a chat request (the image part is ignored)."""
+    parts = []
+    for msg in body.get("messages", []):
+        content = msg.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return "\n".join(parts)
+
+
+def scorer_answer(body: dict[str, Any]) -> str:
+    """A well-formed judge answer for any prompt the scorer sends: one block per ``Region ID: k, box``
+    line for region prompts, one score otherwise; JSON when the request carries a ``response_format``."""
+    ids = [int(k) for k in REGION_ID_RE.findall(_request_text(body))]
+    structured = "response_format" in body
+    if ids:
+        if structured:
+            return json.dumps({"regions": [{"id": k, "object": "an object", "score": 6, "reason": "fits."}
+                                           for k in ids]})
+        return "\n".join(f"Region ID: {k}\nIdentified Object: an object\nScore: 0.6\nReason: fits.\n---" for k in ids)
+    if structured:
+        return json.dumps({"score": 5, "reason": "mostly right."})
+    return "Score: 0.5\nReason: mostly right."
+
+
 def _default_answer(body: dict[str, Any]) -> str:
     return "Score: 0.5\nReason: fine."
 
@@ -49,7 +85,7 @@ def _default_answer(body: dict[str, Any]) -> str:
 class FakeOpenAIServer:
     def __init__(self, models: tuple[str, ...] = ("tiny-vlm",), latency_s: float = 0.0,
                  answer: Callable[[dict[str, Any]], str] = _default_answer,
-                 probe: Callable[[dict[str, Any]], dict[str, float]] | None = None):
+                 probe: Callable[[dict[str, Any]], dict[str, float]] | None = None, port: int | None = None):
         self.models = list(models)
         self.latency_s = latency_s
         self.answer = answer
@@ -58,7 +94,7 @@ class FakeOpenAIServer:
         self.requests: list[dict[str, Any]] = []
         self.in_flight = 0
         self.max_in_flight = 0
-        self.port = _free_port()
+        self.port = port or _free_port()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
@@ -152,3 +188,24 @@ class FakeOpenAIServer:
                              "finish_reason": "stop", "logprobs": logprobs}],
                 "usage": {"prompt_tokens": 11, "completion_tokens": 3 if logprobs is None else 1,
                           "total_tokens": 14 if logprobs is None else 12}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tests.judge_fake_server --port P``: serve well-formed scorer answers on 127.0.0.1 until
+    SIGTERM or SIGINT (the tests launch it as a run's judge replica, as ``judge.launch.command``)."""
+    ap = argparse.ArgumentParser(description="fake OpenAI-compatible judge server on 127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--latency", type=float, default=0.0, help="seconds slept per chat request")
+    ap.add_argument("--model", default="tiny-vlm", help="served model name")
+    args = ap.parse_args(argv)
+    server = FakeOpenAIServer(models=(args.model,), latency_s=args.latency, answer=scorer_answer,
+                              port=args.port).start()
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    server.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -73,7 +73,7 @@ def test_every_model_forbids_extra_and_every_field_is_described():
     seen: set = set()
     _models(SRUMConfig, seen)
     # SRUM + run, 3 policies, 4 judges, 4 region proposers, reward, learner, cluster, resources, prompts
-    assert len(seen) == 18
+    assert len(seen) == 21  # with the eval section, its prompt source and the judge launch section
     for model in seen:
         assert model.model_config.get("extra") == "forbid", model.__name__
         for name, info in model.model_fields.items():
@@ -238,6 +238,15 @@ def test_buffer_must_hold_a_learner_batch():
     assert "cluster.buffer_capacity (3)" in text and "learner.batch_size (4)" in text
 
 
+def test_nccl_weight_transport_needs_whole_gpus():
+    text = str(_error(overrides=["cluster.weight_transport=nccl", "cluster.learner_resources.num_gpus=1",
+                                 "cluster.sampler_resources.num_gpus=0.5"]))
+    assert "sampler=0.5" in text and "learner" not in text.split("got num_gpus")[1]
+    cfg = load_config(None, ["cluster.weight_transport=nccl", "cluster.learner_resources.num_gpus=1",
+                             "cluster.sampler_resources.num_gpus=2"])
+    assert cfg.cluster.weight_transport == "nccl"
+
+
 # -------------------------------------------------------------------------------------- YAML files
 
 
@@ -307,7 +316,7 @@ def test_example_configs_contents():
     assert SRUMConfig().policy.eval_guidance_scale is None  # elsewhere: evaluate as sampled
     gpu = load_config(REPO / "configs" / "sd35_medium_vllm.yaml")
     assert gpu.judge.backend == "openai" and gpu.regions.model_type == "vit_h"
-    assert gpu.learner == C.LearnerConfig(mixed_precision="bf16")  # the paper recipe
+    assert gpu.learner == C.LearnerConfig(mixed_precision="bf16", ema_decay=0.9999)  # the paper recipe + the released EMA
 
 
 # ------------------------------------------------------------------------------ hashing and docs
@@ -346,8 +355,10 @@ def test_describe_config_lists_every_leaf_field():
     per_section: dict[str, int] = {}
     for key in docs:
         per_section[key.split(".")[0]] = per_section.get(key.split(".")[0], 0) + 1
-    assert per_section == {"run": 8, "policy": 14, "judge": 7, "regions": 10, "reward": 8, "learner": 17,
-                           "cluster": 17 + 3 * 2 + 5}
+    assert per_section == {"run": 8, "policy": 14 + 5, "judge": 7, "regions": 10, "reward": 8, "learner": 19, "eval": 12,
+                           # cluster: 17 own + 3 per actor-resources section x 2 + 5 prompt-source fields
+                           # + weight_transport, ahead_batches, mode, round_samples, round_epochs
+                           "cluster": 17 + 3 * 2 + 5 + 5}
     for key in docs:
         parsed, errors = IO.parse_overrides([f"{key}=null"])
         assert not errors and parsed[0][0] == key.split(".")

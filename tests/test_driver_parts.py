@@ -8,6 +8,7 @@ import io
 import os
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -20,6 +21,7 @@ from cluster.progress import (
     format_progress,
     plot_metrics,
     read_metrics,
+    unreadable_judge_warning,
 )
 from core.prompt_sets import PromptCycler, PromptRecord
 from core.records import DropReason, Region, SampleRecord
@@ -46,9 +48,9 @@ def test_prompt_cycler_covers_every_prompt_each_epoch_with_unique_seeds():
 def test_progress_line_and_metrics_jsonl(tmp_path):
     line = format_progress({"step": 3, "max_steps": 10, "images_per_s": 2.5, "trained_per_s": 1.25,
                             "mean_global_score": -0.5, "loss": 0.1234, "buffer_size": 7, "policy_version": 3,
-                            "max_lag": 1, "judge_failed": 2, "num_samplers": 2, "num_scorers": 1})
+                            "max_lag": 1, "judge_failed": 2, "judge_unread": 5, "num_samplers": 2, "num_scorers": 1})
     assert "step 3/10" in line and "img/s 2.50" in line and "g -0.50" in line and "lag 1" in line
-    assert "judge fail 2" in line and "samplers 2 scorers 1" in line
+    assert "judge fail 2 unread 5" in line and "samplers 2 scorers 1" in line
     assert "g -" in format_progress({"step": 0, "mean_global_score": None})
 
     out = io.StringIO()
@@ -70,6 +72,16 @@ def test_progress_line_and_metrics_jsonl(tmp_path):
     assert png is not None and png.stat().st_size > 1000
     (tmp_path / "empty.jsonl").write_text("")
     assert plot_metrics(tmp_path / "empty.jsonl", tmp_path / "none.png") is None
+
+
+def test_a_judge_whose_answers_cannot_be_read_is_reported():
+    def stats(generated: int, unread: int) -> dict:
+        return {"generated": generated, "dropped": {DropReason.NO_GLOBAL_SCORE.value: unread}}
+
+    msg = unreadable_judge_warning(stats(100, 95), "text")
+    assert msg is not None and "95 of the 100 samples" in msg and "judge.mode=text" in msg
+    assert unreadable_judge_warning(stats(100, 80), "text") is None  # some answers are read: training goes on
+    assert unreadable_judge_warning(stats(40, 40), "text") is None  # too few judged to tell
 
 
 def test_gallery_draws_boxes_and_heatmap(tmp_path):
@@ -153,6 +165,20 @@ def test_judge_server_launcher_starts_waits_restarts_and_stops(tmp_path):
     finally:
         info = launcher.stop()
     assert info["alive"] is False and not launcher.health()
+
+    # started from a short-lived thread (as the vLLM tests restart it through asyncio.to_thread): the server
+    # must outlive that thread (the parent-death signal is tied to the spawning thread, so it is not set there)
+    port = free_port()
+    again = JudgeServerLauncher([sys.executable, "-c", SERVER, str(port)], port=port, host="127.0.0.1",
+                                ready_timeout_s=30, max_restarts=0)
+    try:
+        worker = threading.Thread(target=again.start)
+        worker.start()
+        worker.join()
+        time.sleep(1.0)
+        assert again.health() and again.proc.poll() is None
+    finally:
+        again.stop()
 
     bad = JudgeServerLauncher([sys.executable, "-c", "import sys; sys.exit(3)"], port=free_port(),
                               host="127.0.0.1", ready_timeout_s=10)

@@ -213,11 +213,51 @@ def test_scorer_end_to_end_on_vllm(vllm_server, mode):
             assert r.alpha == pytest.approx((r.global_score + 1) / 2)
 
 
+class ForcedGrounding:
+    """The judge, with the grounding request's schema replaced by a stricter one, so that even a random tiny
+    model answers with well-formed boxes: the proposer's parsing and clipping are then really exercised."""
+
+    def __init__(self, judge, schema):
+        self.judge, self.schema, self.mode = judge, schema, judge.mode
+        self.asked_schema, self.answer = None, None
+
+    async def complete(self, image, text, max_tokens=None, schema=None, kind="grounding"):
+        self.asked_schema = schema  # what the proposer itself asked for (its structured-output schema)
+        comp = await self.judge.complete(image, text, max_tokens, self.schema, kind)
+        self.answer = comp.text
+        return comp
+
+
+def _ranged_box(*ranges):
+    return {"type": "array", "prefixItems": [{"type": "integer", "minimum": lo, "maximum": hi} for lo, hi in ranges],
+            "items": False, "minItems": 4, "maxItems": 4}
+
+
 def test_grounding_proposer_on_vllm(vllm_server):
-    j = judge_for(vllm_server.base_url, "structured", max_tokens=1024)
-    prop = make_proposer(GroundingRegionsConfig(min_area_frac=0.0), judge=j)
-    props = run(j, prop.apropose(np.asarray(scene()), "a red ball left of a blue box"))
+    """The server's answer (a random model, forced by structured output into two boxes that overhang a 96x64
+    image) is parsed into boxes, clipped to the image, and selected."""
+    w, h = 96, 64
+    box_a = _ranged_box((0, 10), (0, 10), (40, 50), (70, 90))     # bottom edge below the image: clipped to 64
+    box_b = _ranged_box((50, 60), (20, 30), (100, 120), (50, 60))  # right edge past the image: clipped to 96
+    forced = {"type": "array", "items": False, "minItems": 2, "maxItems": 2, "prefixItems": [
+        {"type": "object", "properties": {"label": {"type": "string", "maxLength": 8}, "box": box},
+         "required": ["label", "box"], "additionalProperties": False} for box in (box_a, box_b)]}
+    j = judge_for(vllm_server.base_url, "structured", max_tokens=512)
+    judge = ForcedGrounding(j, forced)
+    prop = make_proposer(GroundingRegionsConfig(min_area_frac=0.0), judge=judge)
+    image = np.asarray(scene().resize((w, h)))
+    props = run(j, prop.apropose(image, "a red ball left of a blue box"))
+
+    assert judge.asked_schema == Q.grounding_json_schema(w, h)  # the proposer asked for structured output
+    raw = json.loads(judge.answer)
+    assert [len(e["box"]) for e in raw] == [4, 4] and raw[0]["box"][3] > h and raw[1]["box"][2] > w
+    assert len(props) == 2 and prop.counters() == {"proposer": "GroundingProposer", "calls": 1, "proposed": 2,
+                                                   "bad_answers": 0, "unparsable": 0}
+    expected = [(float(a), float(b), float(min(c, w)), float(min(d, h))) for a, b, c, d in (e["box"] for e in raw)]
+    assert sorted(p.box for p in props) == sorted(expected)  # clipped to the image, nothing else changed
     for p in props:
         x1, y1, x2, y2 = p.box
-        assert 0 <= x1 < x2 <= 64 and 0 <= y1 < y2 <= 64
-    assert prop.counters()["calls"] == 1 and j.counters()["ok"] == 1
+        assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+        assert p.area == pytest.approx((x2 - x1) * (y2 - y1))
+    assert [p.area for p in props] == sorted((p.area for p in props), reverse=True)  # largest first
+    assert j.counters()["ok"] == 1

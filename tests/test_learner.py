@@ -74,6 +74,36 @@ def test_weighted_sample_is_fitted_better_than_weight_zero() -> None:
     assert ratio[0] < 0.7 and ratio[1] > ratio[0] + 0.3, ratio  # measured ~0.45 vs ~1.3
 
 
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_reference_constraint_anchors_to_the_base(lora_rank: int) -> None:
+    # reward 0 everywhere: only the constraint acts. 'sample' fits the samples; 'reference' holds the base's
+    # velocity, where its gradient is exactly zero, so the weights do not move at all
+    anchored = make(lora_rank=lora_rank, constraint="reference", weight_decay=0.0, lr=1e-2)
+    free = make(lora_rank=lora_rank, constraint="sample", weight_decay=0.0, lr=1e-2)
+    base = {k: v.detach().clone() for k, v in anchored.policy.named_trainable_parameters().items()}
+    for _ in range(3):
+        m = anchored.train_step(batch(R=(0.0, 0.0)))
+        free.train_step(batch(R=(0.0, 0.0)))
+        assert m["l_ref"] == 0.0 and m["skipped"] == 0
+    after = anchored.policy.named_trainable_parameters()
+    assert all(torch.equal(after[k], base[k]) for k in base)
+    assert any(not torch.equal(v, base[k]) for k, v in free.policy.named_trainable_parameters().items())
+
+
+def test_reference_is_the_base_and_survives_training_and_resume() -> None:
+    learner = make(constraint="reference", lr=1e-2)
+    base = [r.clone() for r in learner.reference]
+    for _ in range(5):
+        m = learner.train_step(batch(R=(1.0, 0.0)))
+    assert m["l_ref"] > 0.0  # the reward moved the policy away from the base: the anchor pulls back
+    assert all(torch.equal(r, b) for r, b in zip(learner.reference, base, strict=True))  # never trained
+    assert any(not torch.equal(p, b) for p, b in zip(learner.params, base, strict=True))  # swapped back after use
+    resumed = make(constraint="reference", lr=1e-2)
+    resumed.load_state_dict(learner.state_dict())
+    assert all(torch.equal(r, b) for r, b in zip(resumed.reference, base, strict=True))  # still the base
+    assert all(torch.equal(p, q) for p, q in zip(resumed.params, learner.params, strict=True))
+
+
 def test_only_trainable_parameters_change() -> None:
     learner = make(lora_rank=4, lr=1e-2)
     before = snapshot(learner)
@@ -125,7 +155,7 @@ def test_warmup_then_constant_lr() -> None:
 
 
 def test_ema_update() -> None:
-    learner = make(ema_decay=0.25)
+    learner = make(ema_decay=0.25, ema_warmup_steps=0)  # the constant decay (the warm-up: test_export.py)
     p_before = [p.detach().clone() for p in learner.params]
     learner.train_step(batch())
     for e, p0, p1 in zip(learner.ema, p_before, learner.params, strict=True):

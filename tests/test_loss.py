@@ -7,7 +7,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learner.loss import LossParts, rf_interpolate, rf_target, sample_timesteps, srum_loss
+from learner.loss import (
+    LossParts,
+    exact_fit_accuracy,
+    rf_interpolate,
+    rf_target,
+    sample_loss_weight,
+    sample_timesteps,
+    srum_loss,
+)
 
 
 def _rand(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -99,6 +107,26 @@ def test_srum_loss_hand_computed() -> None:
     assert out.l_r.item() == pytest.approx((0.5 * 4 - 0.5 * 1) / 2)
     assert out.l_ref.item() == pytest.approx(2.5)
     assert out.total.item() == pytest.approx(out.l_r.item() + 0.5 * out.l_ref.item())
+
+
+def test_reference_constraint_holds_the_velocity_to_the_reference() -> None:
+    # target = [1, -1]; v = [3, 0] -> err = [4, 1]; v_ref = [1, 2] -> (v - v_ref)^2 = [4, 4]
+    noise, x0 = torch.tensor([[[[1.0, 0.0]]]]), torch.tensor([[[[0.0, 1.0]]]])
+    v = torch.tensor([[[[3.0, 0.0]]]], requires_grad=True)
+    v_ref = torch.tensor([[[[1.0, 2.0]]]])
+    R = torch.tensor([[[1.0, -1.0]]])
+    out = srum_loss(v, noise, x0, R, alpha=0.5, lambda_c=0.5, v_ref=v_ref)
+    # aR = [0.5, -0.5] floored at 0 -> reward part (0.5 * 4 + 0) / 2 = 1; anchor mean 4 -> total 1 + 0.5 * 4
+    assert out.total.item() == pytest.approx(3.0)
+    assert out.l_ref.item() == pytest.approx(4.0) and out.l_r.item() == pytest.approx((2.0 - 0.5) / 2)
+    out.total.backward()
+    # d/dv: reward 0.5 * 2 * (v - target) / 2 on pixel 0; anchor 0.5 * 2 * (v - v_ref) / 2 on both pixels
+    assert v.grad.flatten().tolist() == pytest.approx([0.5 * 2 + 0.5 * 2 / 2 * 2, 0.5 * (0.0 - 2.0)])
+    # at v == v_ref the constraint vanishes: only the reward pulls
+    at_ref = srum_loss(v_ref, noise, x0, R, alpha=0.5, lambda_c=0.5, v_ref=v_ref)
+    assert at_ref.l_ref.item() == 0.0
+    with pytest.raises(ValueError, match="v_ref shape"):
+        srum_loss(v, noise, x0, R, alpha=0.5, v_ref=torch.zeros(1, 1, 1, 3))
 
 
 def test_floor_binds_only_where_weight_negative() -> None:
@@ -256,3 +284,25 @@ def test_default_floor_keeps_loss_nonnegative(
     alpha[0] = 1.0
     out = srum_loss(v, noise, x0, R, alpha, lambda_c=lambda_c)
     assert torch.isfinite(out.total) and out.total.item() >= 0.0
+
+
+def test_exact_fit_accuracy_is_the_weighted_share_of_correct_samples() -> None:
+    # the arithmetic: weight 0.94 on correct samples, 0.60 on wrong ones, a pool at 50 % -> 61 %
+    correct = [True] * 50 + [False] * 50
+    weights = [0.94] * 50 + [0.60] * 50
+    assert exact_fit_accuracy(correct, weights) == pytest.approx(0.94 / 1.54)
+    assert exact_fit_accuracy([True, False], [1.0, 1.0]) == 0.5  # uniform weights (self-SFT): no tilt
+    with pytest.raises(ValueError):
+        exact_fit_accuracy([True], [0.0])
+    with pytest.raises(ValueError):
+        exact_fit_accuracy([True, False], [1.0])
+
+
+def test_sample_loss_weight_follows_the_constraint_and_the_floor() -> None:
+    assert sample_loss_weight(0.5, 0.8, 0.5) == pytest.approx(0.9)
+    assert sample_loss_weight(0.5, 0.8, 0.5, "reference") == pytest.approx(0.4)
+    assert sample_loss_weight(1.0, -1.0, 0.5) == 0.0  # floored, as the loss floors it
+    assert sample_loss_weight(1.0, -1.0, 0.5, weight_floor=None) == -0.5
+    with pytest.raises(ValueError, match="constraint"):
+        sample_loss_weight(1.0, 1.0, 0.5, "kl")
+

@@ -132,8 +132,19 @@ def test_scale_validation_gives_clear_errors():
             validate_counts(samplers=bad)
         with pytest.raises(ScaleError, match=f"scorers must be .*{msg}|scorers {msg}"):
             validate_counts(scorers=bad)
+        with pytest.raises(ScaleError, match=f"judges must be .*{msg}|judges {msg}"):
+            validate_counts(judges=bad)
     with pytest.raises(ScaleError, match="nothing to scale"):
         validate_counts()
+
+
+def test_judges_scale_only_when_the_run_launches_them():
+    c = Controller(samplers=1, scorers=1)
+    with pytest.raises(ScaleError, match="judge.launch is unset"):
+        c.scale(judges=2)
+    assert "judges" not in c.get_desired()
+    c.reset(1, 1, "run", judges=2)
+    assert c.scale(judges=3)["judges"] == 3 and c.scale_history()[-1]["judges"] == 3
 
 
 def test_controller_scale_status_and_stop():

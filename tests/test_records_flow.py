@@ -108,7 +108,7 @@ def test_the_actors_pass_headers_by_value_and_tensors_by_reference(ray_local, pa
                                                                                  strict=True)]
     assert all(isinstance(s.tensors, ray.ObjectRef) for s in samples)  # nothing dropped (use_global off)
     result = ray.get(learner.train.remote([samples]))
-    assert result.lost == 0 and len(result.steps) == 1 and result.steps[0]["samples"] == 2
+    assert result.lost == [] and len(result.steps) == 1 and result.steps[0]["samples"] == 2
     assert result.steps[0]["policy_version"] == 1
     metrics = ray.get(sampler.get_metrics.remote())
     assert metrics["counters"]["srum_images_generated{actor=sampler-0}"] == 2.0

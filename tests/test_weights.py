@@ -8,27 +8,32 @@ import pytest
 import torch
 
 from actors.weights import (
+    BF16Array,
     SyncResult,
     SyncStats,
     WeightStore,
+    as_tensors,
     maybe_sync,
     publish_state,
     state_nbytes,
     to_cpu_state,
 )
+from learner.base import TrainableState
 from tests.ray_cluster import local_ray, wait_until_lost
 
 
 class CountingStore(WeightStore):
-    """A plain store that counts how often the weights themselves are asked for."""
+    """A plain store that counts the checks and how often they handed out the weights."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.latest_calls = 0
+        self.checks = self.handed_out = 0
 
-    def latest(self):
-        self.latest_calls += 1
-        return super().latest()
+    def latest_if_changed(self, version):
+        self.checks += 1
+        out = super().latest_if_changed(version)
+        self.handed_out += out[1] is not None
+        return out
 
 
 class Loader:
@@ -51,12 +56,45 @@ def test_state_nbytes_counts_tensors_and_arrays():
     assert state_nbytes(state) == 76
 
 
-def test_to_cpu_state_detaches_without_copying_cpu_tensors():
+def test_to_cpu_state_is_numpy_without_copies_and_loads_back():
     w = torch.ones(3, requires_grad=True)
-    out = to_cpu_state({"w": w, "step": 3})
-    assert not out["w"].requires_grad
-    assert out["w"].data_ptr() == w.data_ptr()
-    assert out["step"] == 3
+    half = torch.ones(2, dtype=torch.bfloat16)
+    out = to_cpu_state({"w": w, "h": half, "step": 3})
+    assert isinstance(out["w"], np.ndarray) and out["w"].ctypes.data == w.data_ptr()  # a view, no copy
+    # numpy has no bfloat16: its bits travel as int16, still a view
+    assert isinstance(out["h"], BF16Array) and out["h"].bits.ctypes.data == half.data_ptr()
+    assert out["step"] == 3 and state_nbytes(out) == 3 * 4 + 2 * 2
+    back = as_tensors(out)
+    assert torch.equal(back["w"], torch.ones(3))
+    assert back["h"].dtype == torch.bfloat16 and torch.equal(back["h"], half) and back["h"].data_ptr() == half.data_ptr()
+
+
+class Params(TrainableState):
+    def __init__(self, **tensors: torch.Tensor) -> None:
+        self._params = {k: torch.nn.Parameter(v) for k, v in tensors.items()}
+        self.version = 0
+
+
+def test_share_uses_cpu_tensors_of_the_dtype_in_place_and_copies_the_rest():
+    p = Params(w=torch.zeros(3), h=torch.zeros(2, dtype=torch.bfloat16))
+    w, h64 = torch.arange(3.0), torch.ones(2, dtype=torch.float64)
+    p.load_trainable_state({"w": w, "h": h64}, 5, share=True)
+    assert p._params["w"].data_ptr() == w.data_ptr()  # shared: no copy
+    assert p._params["h"].dtype == torch.bfloat16 and torch.equal(p._params["h"].float(), torch.ones(2))  # copied
+    assert p.version == 5
+    p.load_trainable_state({"w": torch.ones(3), "h": h64}, 6)  # default: a copy into the (shared) tensor
+    assert torch.equal(w, torch.ones(3))  # the copy wrote through the shared memory: why share is for samplers
+
+
+def test_a_sampler_shares_the_object_store_arrays(ray_local):
+    ray = ray_local
+    state = {"w": torch.randn(256, 64)}
+    ref = ray.put(to_cpu_state(state))
+    p = Params(w=torch.zeros(256, 64))
+    fetched = as_tensors(ray.get(ref))
+    p.load_trainable_state(fetched, 1, share=True)
+    assert p._params["w"].data_ptr() == fetched["w"].data_ptr() and torch.equal(p._params["w"], state["w"])
+    assert not ray.get(ref)["w"].flags.writeable  # object-store memory: read-only, shared by every reader
 
 
 def test_store_versions_must_increase_unless_rollback():
@@ -78,16 +116,22 @@ def test_maybe_sync_fetches_only_when_behind():
     # Nothing published: nothing fetched, nothing loaded.
     r = maybe_sync(store, 0, load, stats)
     assert isinstance(r, SyncResult) and r == 0 and not r.synced and r.latest_version == -1
-    assert publish_state(store, 3, {"w": torch.arange(4.0)}, use_ray=False) >= 0.0
+    pub = publish_state(store, 3, {"w": torch.arange(4.0)}, use_ray=False)
+    assert pub.seconds >= 0.0 and isinstance(pub.payload["w"], np.ndarray)
     r = maybe_sync(store, 0, load, stats)
     assert (int(r), r.synced, r.failed, r.lag) == (3, True, False, 0)
     assert len(load.calls) == 1 and load.calls[0][1] == 3
     assert torch.equal(load.calls[0][0]["w"], torch.arange(4.0))
-    # Current: the store is asked for its version only, never for the weights.
+    # Current: one round trip, and the store hands out no weights.
     r = maybe_sync(store, 3, load, stats)
     assert (int(r), r.synced) == (3, False)
-    assert (store.latest_calls, len(load.calls)) == (1, 1)
-    assert (stats.checks, stats.syncs, stats.failed, stats.last_version) == (3, 1, 0, 3)
+    assert (store.checks, store.handed_out, len(load.calls)) == (3, 1, 1)
+    # min_lag: one version behind is not worth a fetch when pushes bring the weights (RDT), two are
+    publish_state(store, 4, {"w": torch.arange(4.0) + 1}, use_ray=False)
+    assert not maybe_sync(store, 3, load, stats, min_lag=2).synced
+    publish_state(store, 5, {"w": torch.arange(4.0) + 2}, use_ray=False)
+    assert maybe_sync(store, 3, load, stats, min_lag=2).synced
+    assert (stats.checks, stats.syncs, stats.failed, stats.last_version) == (5, 2, 0, 5)
     assert store.info()["meta"]["nbytes"] == 16
 
 
@@ -141,7 +185,7 @@ def test_dead_owner_keeps_current_weights_and_counts_a_failure(ray_local):
     @ray.remote(num_cpus=0)
     class Publisher:  # stands in for the learner host, which owns what it ray.puts
         def publish(self, store, version: int) -> float:
-            return publish_state(store, version, {"w": np.ones(3)})
+            return publish_state(store, version, {"w": np.ones(3)}).seconds
 
     store = ray.remote(WeightStore).options(num_cpus=0).remote()
     pub = Publisher.remote()
