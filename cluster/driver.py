@@ -89,7 +89,7 @@ class Driver:
         self.controller = self.store = self.learner = None  # the Ray actor handles, created by start()
         self.learner_down_since: float | None = None  # while Ray restarts the learner
         self.next_learner_probe = 0.0
-        self.step_samples: dict[int, list[str]] = {}  # sample ids trained per learner step (to account a rollback)
+        self.step_samples: dict[int, list[str]] = {}  # ids trained per recent step (to account a rollback)
         self.breaker = OutageBreaker(cfg.cluster.judge_outage_failure_rate, cfg.cluster.judge_outage_pause_s)
         c = cfg.cluster
         self.pusher = WeightPusher(c.weight_transport)
@@ -136,8 +136,7 @@ class Driver:
               flush=True)
 
     def _resume(self, info: dict[str, Any]) -> None:
-        """Continue where the checkpoint the learner resumed from left off: step, version, data cursor and
-        counters; say so loudly when an earlier run left outputs here but no checkpoint."""
+        """Continue where the learner's checkpoint left off (step, version, data cursor, counters), or warn."""
         self.step = self.start_step = info["step"]
         self.policy_version = info["policy_version"]
         service = info.get("service") or {}
@@ -221,8 +220,7 @@ class Driver:
         self._report()
 
     def _advance_round(self) -> None:
-        """Rounds mode: generate -> train once the whole pool is judged -> sync once it is used up and
-        published -> the next round once every push has landed (:mod:`cluster.rounds`)."""
+        """Rounds mode: move to the next phase when this one is done (:mod:`cluster.rounds`)."""
         r = self.rounds
         if r is None or self.draining:
             return
@@ -275,9 +273,8 @@ class Driver:
         return sum(isinstance(j, SampleJob | ScoreJob) for j in self.pending.values()) + len(self.waiting_for_scorer)
 
     def _generation_budget(self) -> int:
-        """Samples that may be asked for now: rounds mode, what the round still needs; online, what keeps the
-        buffer and the batches in flight within ``cluster.ahead_batches`` learner batches and ``max_staleness - 1``
-        (a batch is one version and a sampler may lag by one: further ahead, a sample would arrive stale)."""
+        """Samples that may be asked for now: what the round still needs, or (online) what keeps the buffer and
+        the batches in flight within ``ahead_batches`` and ``max_staleness - 1`` batches (further: stale)."""
         if self.rounds is not None:
             return self.rounds.samples_left()
         c = self.cfg.cluster
@@ -426,6 +423,10 @@ class Driver:
             self.step_samples[self.step] = ids
             self.last_train = stats
             self.reporter.log({"kind": "train", **stats})
+        lc = self.cfg.learner  # a restart resumes at a kept checkpoint at the earliest: older steps are never undone
+        if lc.checkpoint_every and lc.keep_checkpoints:
+            self.step_samples = {s: v for s, v in self.step_samples.items()
+                                 if s > self.step - lc.checkpoint_every * (lc.keep_checkpoints + 1)}
         if self.step - self.last_refresh_step >= self.cfg.run.refresh_every:
             self._refresh_outputs()
         self._push_weights(result.published)
@@ -482,8 +483,7 @@ class Driver:
         self._rolled_back(info)
 
     def _rolled_back(self, info: dict[str, Any]) -> None:
-        """The restarted learner resumed at ``info["step"]``: the steps after it are undone once, and their
-        samples leave the trained count (dropped as ``rolled_back``)."""
+        """The learner resumed at ``info["step"]``: later steps are undone once, their samples ``rolled_back``."""
         to, was = info["step"], self.step
         undone = [s for s in self.step_samples if s > to]
         samples = self.buffer.mark_lost([i for s in undone for i in self.step_samples.pop(s)], DropReason.ROLLED_BACK)
