@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import re
 import signal
 import socket
@@ -197,7 +198,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--latency", type=float, default=0.0, help="seconds slept per chat request")
     ap.add_argument("--model", default="tiny-vlm", help="served model name")
+    ap.add_argument("--hold-while", default=None, help="do not start serving while this file exists (a test "
+                    "holds a restarted replica down for as long as it needs to observe it)")
     args = ap.parse_args(argv)
+    while args.hold_while and os.path.exists(args.hold_while):
+        time.sleep(0.1)
     server = FakeOpenAIServer(models=(args.model,), latency_s=args.latency, answer=scorer_answer,
                               port=args.port).start()
     done = threading.Event()

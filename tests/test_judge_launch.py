@@ -98,13 +98,15 @@ def test_driver_launches_judges_survives_a_killed_one_and_scales_them(tmp_path):
     from cluster.driver import Driver
     from srum.registry import compose
 
+    hold = tmp_path / "hold"  # while it exists, a restarted server waits: the test sees the replica down
     with local_ray("srum", __name__) as ray:
         cfg = load_config("configs/tiny_sd3.yaml", [
             f"run.output_dir={tmp_path}", "run.name=judges", "run.max_steps=400", "regions.proposer=none",
             "judge.backend=openai", "judge.mode=text", "judge.max_retries=2", "judge.backoff_s=0.05",
             "judge.timeout_s=5", "judge.max_tokens=16", "policy.num_inference_steps=2",
             "judge.launch={replicas: 2, num_gpus: 0, num_cpus: 0, ready_timeout_s: 60}",
-            f"judge.launch.command=[{sys.executable}, -m, tests.judge_fake_server, --port, '{{port}}']",
+            f"judge.launch.command=[{sys.executable}, -m, tests.judge_fake_server, --port, '{{port}}', "
+            f"--hold-while, '{hold}']",
             "cluster.sampler_resources.num_cpus=0", "cluster.scorer_resources.num_cpus=0",
             "cluster.learner_resources.num_cpus=0", "learner.checkpoint_every=0"])
         driver = Driver(cfg, compose(cfg))
@@ -120,10 +122,12 @@ def test_driver_launches_judges_survives_a_killed_one_and_scales_them(tmp_path):
                 log["urls"] = driver.judges.urls()
                 replica = driver.judges.replicas["judge-0"]
                 info = ray.get(replica.handle.info.remote())
+                hold.touch()
                 os.kill(info["pid"], signal.SIGKILL)  # one judge server crashes mid-run
                 log["killed_at"] = driver.step
                 _wait(lambda: len(driver.judges.urls()) == 1, 30, "the dead replica leaving the list")
                 log["scorer_urls_while_down"] = scorer_urls_after(1)
+                hold.unlink()
                 _wait(lambda: len(driver.judges.urls()) == 2, 120, "the replica back")
                 _wait(lambda: driver.step >= log["killed_at"] + 3, 120, "training after the crash")
                 ray.get(driver.controller.scale.remote(judges=3))
