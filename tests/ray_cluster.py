@@ -138,3 +138,16 @@ def wait_until_lost(ray, ref, timeout_s: float = 60.0) -> None:
             continue
         time.sleep(0.1)
     raise AssertionError(f"the object outlived its owner for {timeout_s:.0f} s")
+
+
+def wait_until_dead(ray, handle, timeout_s: float = 30.0) -> None:
+    """Wait until a killed actor no longer answers: ``ray.kill`` is asynchronous, and a call made just after
+    it may still be served (the caller would then see the actor alive)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(handle.__ray_ready__.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the actor still answers {timeout_s:.0f} s after it was killed")

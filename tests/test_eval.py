@@ -24,10 +24,7 @@ from rewards.eval_prompts import (
 )
 from srum.evaluate import main as eval_main
 from srum.evaluate import parse_model
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-GENEVAL = DATA / "geneval" / "evaluation_metadata.jsonl"
-COMPBENCH = DATA / "t2i-compbench" / "val_comp.json"
+from tests.shared_data import COMPBENCH, GENEVAL, require
 
 
 # ----------------------------------------------------------------------------------------- the prompt
@@ -46,6 +43,7 @@ def test_evaluation_prompt_follows_the_authors_protocol_and_differs_from_the_rew
 
 
 def test_every_benchmark_category_has_a_rubric():
+    require(GENEVAL, COMPBENCH)
     cats = {json.loads(line)["tag"] for line in GENEVAL.read_text().splitlines()}
     cats |= {e["Category"] for e in json.loads(COMPBENCH.read_text())}
     assert cats <= set(RUBRICS), cats - set(RUBRICS)
@@ -179,6 +177,7 @@ def test_shapes_world_eval_through_ray_sampler_actors(tmp_path):
 @pytest.mark.timeout(600)
 def test_eval_every_works_for_a_diffusers_policy(tmp_path):
     """`run.eval_every` on tiny SD3: the registry gives it the VLM evaluator (here the in-process tiny judge)."""
+    require(GENEVAL)
     from srum.local import run_local
     from srum.registry import compose
 
@@ -202,6 +201,7 @@ def _closed_port() -> int:
 
 
 def test_bad_input_gives_clear_errors(tmp_path, capsys):
+    require(GENEVAL)
     base = ["-c", "configs/tiny_sd3.yaml", "--in-process", "--out", str(tmp_path / "ev"), "--limit", "1"]
     assert eval_main([*base, "--prompts", str(GENEVAL), "--model", str(tmp_path / "missing")]) == 2
     assert "no checkpoint at" in capsys.readouterr().err

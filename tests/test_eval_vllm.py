@@ -15,10 +15,9 @@ from core.records import TrainBatch
 from learner.learner import Learner
 from learner.policy import DiffusersPolicy
 from srum.evaluate import main as eval_main
+from tests.shared_data import GENEVAL, require
 
 pytestmark = pytest.mark.vllm
-
-GENEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "geneval" / "evaluation_metadata.jsonl"
 
 
 def tiny_sd3_run(root: Path) -> Path:
@@ -36,6 +35,7 @@ def tiny_sd3_run(root: Path) -> Path:
 
 @pytest.mark.timeout(900)
 def test_srum_eval_on_tiny_sd3_with_the_vllm_evaluator(vllm_server, tmp_path):
+    require(GENEVAL)
     run = tiny_sd3_run(tmp_path)
     out = tmp_path / "ev"
     rows = [json.loads(line) for line in GENEVAL.read_text().splitlines()]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,9 @@ from core.prompt_sets import (
     load_prompts,
     resolve_prompt_path,
 )
+from tests import shared_data
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _shared_data() -> Path:
-    env = os.environ.get("SRUM_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _write(tmp_path: Path, name: str, content: str | bytes) -> Path:
@@ -258,9 +253,8 @@ def test_load_prompt_source_keeps_file_order_and_the_cycler_shuffles_once(tmp_pa
 
 
 def test_real_t2i_compbench_val():
-    path = _shared_data() / "t2i-compbench" / "val_comp.json"
-    if not path.is_file():
-        pytest.skip(f"{path} not present (set SRUM_SHARED_DATA)")
+    path = shared_data.COMPBENCH
+    shared_data.require(path)
     recs = load_prompts(path)
     assert len(recs) == 2670 and len({r.id for r in recs}) == 2670
     assert recs[0] == PromptRecord(id="701", text="a dog in front of a desk", category="3d_spatial")
@@ -269,9 +263,8 @@ def test_real_t2i_compbench_val():
 
 
 def test_real_geneval_metadata():
-    path = _shared_data() / "geneval" / "evaluation_metadata.jsonl"
-    if not path.is_file():
-        pytest.skip(f"{path} not present (set SRUM_SHARED_DATA)")
+    path = shared_data.GENEVAL
+    shared_data.require(path)
     recs = load_prompts(path)
     assert len(recs) == 553
     assert recs[0] == PromptRecord(id="1", text="a photo of a bench", category="single_object")

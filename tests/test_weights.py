@@ -19,7 +19,7 @@ from actors.weights import (
     to_cpu_state,
 )
 from learner.base import TrainableState
-from tests.ray_cluster import local_ray, wait_until_lost
+from tests.ray_cluster import local_ray, wait_until_dead, wait_until_lost
 
 
 class CountingStore(WeightStore):
@@ -204,6 +204,7 @@ def test_dead_store_is_a_counted_failure_not_a_crash(ray_local):
     store = ray.remote(WeightStore).options(num_cpus=0).remote()
     publish_state(store, 1, {"w": torch.ones(2)})
     ray.kill(store)
+    wait_until_dead(ray, store)
     stats = SyncStats()
     r = maybe_sync(store, 0, Loader(), stats, timeout_s=10)
     assert (int(r), r.failed, stats.failed) == (0, True, 1)
