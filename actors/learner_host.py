@@ -5,7 +5,9 @@ steps and runs the world's held-out evaluation.
 A plain class (the driver makes it remote on a GPU node with ``max_restarts``). :meth:`LearnerHost.train`
 takes whole batches of :class:`~core.records.TrainSample` whose tensors are object references and fetches
 all of them with one ``ray.get``. On (re)start it resumes from the run's latest checkpoint when there is
-one, then publishes its weights, so samplers re-sync.
+one, then publishes its weights, so samplers re-sync. With ``cluster.weight_transport: shm`` it publishes
+into a pair of shared-memory files (:mod:`actors.shm_weights`, a new pair per process) and hands the
+driver a descriptor to push, the object store serving whatever that path cannot.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from typing import Any
 import ray
 
 from actors.components import Components
-from actors.weights import publish_state
+from actors.shm_layout import ShmDescriptor
+from actors.shm_weights import ShmWriter, submit_store_copy
+from actors.weights import publish_state, state_nbytes
 from core.metrics import Metric, Metrics
 from core.records import TrainSample, collate
 from learner.checkpoint import find_latest
@@ -40,9 +44,14 @@ class LearnResult:
     steps: list[dict[str, Any]]
     lost: list[str]
     published: tuple[int, list[Any]] | None = None
-    """The last version this call published and ``[its object ref]`` (for the driver to push)."""
+    """The last version this call published and ``[its object ref]`` (for the driver to push; ``[]`` when
+    it went into a shm file: ``shm``)."""
     step_ids: list[list[str]] = field(default_factory=list)
     """Per entry of ``steps``: the sample ids it trained on (to account a rollback)."""
+    shm: ShmDescriptor | None = None
+    """``published``'s shared-memory file (``weight_transport: shm``; None: it went through the object store)."""
+    shm_fallbacks: int = 0
+    """Versions of this call that the shm transport could not carry (its idle file still being read)."""
 
 
 class LearnerHost:
@@ -64,33 +73,60 @@ class LearnerHost:
         self._last_published = -1
         self._published: tuple[int, list[Any]] | None = None
         self._ack: Any = None  # the store's pending answer to the last publication
+        self.shm: ShmWriter | None = None
+        if cfg.cluster.weight_transport == "shm":
+            self.shm = ShmWriter(cfg.run.name, node_id=ray.get_runtime_context().get_node_id())
+        self._shm_desc: ShmDescriptor | None = None
         self.publish()
 
     # ------------------------------------------------------------------ weights
-    def publish(self) -> int:
-        version, state = self.policy.trainable_state()
+    def publish(self, pushed: bool = False) -> int:
+        """Publish the current version unless it was. ``pushed`` (from ``train``: the driver pushes it): a
+        version that goes into a shm file is left to the driver to put in the store (:mod:`cluster.push`)."""
+        version = self.policy.version
         if version != self._last_published:
             # allow_rollback: a restarted learner resumes from a checkpoint older than what it last published
             if self._ack is not None:  # the previous publication's answer (a refused version is a bug: raise)
                 ray.get(self._ack)
-            pub = publish_state(self.store, version, state, allow_rollback=True, wait=False)
-            self._published, self._ack = (version, [pub.payload]), pub.ack
-            self.metrics.observe(Metric.WEIGHT_SYNC_TIME, pub.seconds)
+            t0 = time.perf_counter()
+            params = self.policy.named_trainable_parameters()
+            desc = self.shm.write(params, version) if self.shm is not None else None
+            if desc is not None and pushed:
+                self._published, self._shm_desc, self._ack = (version, []), desc, None
+                seconds = time.perf_counter() - t0
+            elif desc is not None:  # not pushed: the store gets a reference that resolves once a task copied it
+                ref = submit_store_copy(desc)
+                self.shm.lease(version, [ref])
+                meta = {"nbytes": state_nbytes(params), "n_tensors": len(params), "transport": "shm"}
+                self._ack = self.store.publish.remote(version, [ref], meta, allow_rollback=True)
+                self._published, self._shm_desc = (version, [ref]), None
+                seconds = time.perf_counter() - t0
+            else:
+                pub = publish_state(self.store, version, self.policy.trainable_state()[1], allow_rollback=True,
+                                    wait=False)
+                self._published, self._ack, self._shm_desc = (version, [pub.payload]), pub.ack, None
+                seconds = pub.seconds
+            self.metrics.observe(Metric.WEIGHT_SYNC_TIME, seconds)
             self.metrics.set(Metric.POLICY_VERSION, version)
             self._last_published = version
         return version
 
     # ------------------------------------------------------------------ training
     def train(self, batches: Sequence[Sequence[TrainSample]], service: dict[str, Any] | None = None,
-              publish: bool | None = None) -> LearnResult:
+              publish: bool | None = None, leases: dict[int, list[Any]] | None = None) -> LearnResult:
         """One learner step per batch (tensors by reference, all fetched at once); ``service`` is the driver's
         state (data cursor, counters) as of this draw, stored with the next checkpoint. ``publish``: None =
         every ``learner.sync_every`` steps; True = once, after the last step (rounds mode's end of a pool);
-        False = not in this call."""
+        False = not in this call. ``leases``: {version: [the driver's pushes of its shm file]}, not rewritten
+        until they returned."""
         if service is not None:
             self.service = service
+        if self.shm is not None:
+            for version, refs in (leases or {}).items():
+                self.shm.lease(version, refs)
+        fallbacks = self.shm.fallbacks if self.shm is not None else 0
         fetched, lost = _fetch([s for b in batches for s in b])
-        self._published = None
+        self._published, self._shm_desc = None, None
         out, ids = [], []
         for batch in batches:
             samples = [fetched[s.sample_id] for s in batch if s.sample_id in fetched]
@@ -107,7 +143,7 @@ class LearnerHost:
             )
             self._record_metrics(stats)
             if publish is None and self.learner.step % self.cfg.learner.sync_every == 0:
-                self.publish()
+                self.publish(pushed=True)
             every = self.cfg.learner.checkpoint_every
             if every and self.learner.step % every == 0:
                 self.checkpoint()
@@ -115,8 +151,9 @@ class LearnerHost:
             out.append(stats)
             ids.append([r.sample_id for r in records])
         if publish and out:
-            self.publish()
-        return LearnResult(out, lost, self._published, ids)
+            self.publish(pushed=True)
+        fallbacks = self.shm.fallbacks - fallbacks if self.shm is not None else 0
+        return LearnResult(out, lost, self._published, ids, self._shm_desc, fallbacks)
 
     def _record_metrics(self, stats: dict[str, Any]) -> None:
         m = self.metrics
@@ -163,9 +200,11 @@ class LearnerHost:
                 "service": self.service}
 
     def stop(self) -> dict[str, Any]:
-        """Final checkpoint and last publish; returns the final metrics."""
+        """Final checkpoint and last publish; removes the shm files; returns the final metrics."""
         self.publish()
         self.checkpoint()
+        if self.shm is not None:
+            self.shm.close()
         return self.get_metrics()
 
 

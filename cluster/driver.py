@@ -92,7 +92,7 @@ class Driver:
         self.step_samples: dict[int, list[str]] = {}  # ids trained per recent step (to account a rollback)
         self.breaker = OutageBreaker(cfg.cluster.judge_outage_failure_rate, cfg.cluster.judge_outage_pause_s)
         c = cfg.cluster
-        self.pusher = WeightPusher(c.weight_transport)
+        self.pusher = WeightPusher(c.weight_transport, cfg.run.name)
         launch = getattr(cfg.judge, "launch", None)
         self.judges = None if launch is None else JudgeReplicas(cfg.run.name, launch, cfg.judge.model,
                                                                 self.run_dir / "judges", c.max_restarts)
@@ -119,7 +119,7 @@ class Driver:
                                              judges=None if self.judges is None else cfg.judge.launch.replicas))
         if self.judges is not None:
             self._use_judge_urls(self.judges.start())
-        self.store = ray.remote(WeightStore).options(num_cpus=0).remote()
+        self.store = self.pusher.store = ray.remote(WeightStore).options(num_cpus=0).remote()
         res = cfg.cluster.learner_resources
         self.learner = remote_class(LearnerHost, cfg.cluster.weight_transport).options(
             num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=cfg.cluster.max_restarts,
@@ -333,7 +333,7 @@ class Driver:
         publish = None if rounds is None else self.buffer.size() == 0  # rounds: once, at the end of the pool
         if batches:
             ids = tuple(dict.fromkeys(s.sample_id for b in batches for s in b))
-            self.pending[self.learner.train.remote(batches, self._service_state(), publish)] = LearnJob(ids)
+            self.pending[self.learner.train.remote(batches, self._service_state(), publish, self.pusher.take_leases())] = LearnJob(ids)
 
     # ------------------------------------------------------------------ completions
     def _handle(self, ref: Any, job: Job) -> None:
@@ -429,16 +429,16 @@ class Driver:
                                  if s > self.step - lc.checkpoint_every * (lc.keep_checkpoints + 1)}
         if self.step - self.last_refresh_step >= self.cfg.run.refresh_every:
             self._refresh_outputs()
-        self._push_weights(result.published)
+        self._push_weights(result)
 
-    def _push_weights(self, published: tuple[int, list[Any]] | None) -> None:
-        """Send the learner's new version to every live sampler (:mod:`cluster.push`)."""
+    def _push_weights(self, result: LearnResult) -> None:
+        """Send the learner's new version to every live sampler (:mod:`cluster.push`); count what shm could not."""
+        self.counts["weight_shm_fallbacks"] += result.shm_fallbacks  # 0 unless weight_transport is shm
         if self.learner_down_since is not None:
             return
-        live = {m.actor_id: m.handle for m in self.samplers.active if not m.restarting}
-        now = time.monotonic()
+        live, now = {m.actor_id: m.handle for m in self.samplers.active if not m.restarting}, time.monotonic()
         for ref, actor_id in self.pusher.push(self.learner, live, self.policy_version, self.samplers.epoch,
-                                              published).items():
+                                              result.published, result.shm).items():
             self.pending[ref] = PushJob(actor_id, now)
 
     def _on_push(self, ref: Any, job: PushJob) -> None:

@@ -57,10 +57,15 @@ def format_progress(status: dict[str, Any]) -> str:
 
 
 def format_eval(result: dict[str, Any]) -> str:
-    """One line for a held-out evaluation: overall and per-category accuracy."""
-    cats = ", ".join(f"{k} {100 * v:.0f}%" for k, v in result.items()
-                     if k not in ("overall", "n", "step", "policy_version", "eval_seconds"))
-    return f"srum: held-out accuracy at step {result['step']}: {100 * result['overall']:.1f}% ({cats})"
+    """One line for a held-out evaluation: accuracy over all images (and how many), its mean over the
+    categories when there are several (GenEval's overall: a category with many prompts does not dominate it),
+    and each category's."""
+    by_cat = {k: v for k, v in result.items() if k not in ("overall", "n", "step", "policy_version", "eval_seconds")}
+    cats = ", ".join(f"{k} {100 * v:.0f}%" for k, v in by_cat.items())
+    n = f" of {int(result['n'])} images" if result.get("n") else ""
+    macro = f", {100 * sum(by_cat.values()) / len(by_cat):.1f}% averaged over categories" if len(by_cat) > 1 else ""
+    return f"srum: held-out accuracy at step {result['step']}: {100 * result['overall']:.1f}%{n}{macro}" + (
+        f" ({cats})" if cats else "")
 
 
 def unreadable_judge_warning(buffer_stats: dict[str, Any], judge_mode: str, min_judged: int = UNREADABLE_MIN) -> str | None:

@@ -6,6 +6,20 @@ returns the reference; the driver passes it to each sampler's ``receive`` as a t
 round trip to the weight store is on the way; the store serves samplers that start or restart later,
 and any sampler that falls two versions behind (a lost push) pulls from it.
 
+``shm`` (same node, :mod:`actors.shm_weights`): the learner host copies each version into the idle one of
+a standing pair of files in ``/dev/shm`` (one copy) and returns a descriptor of a few hundred bytes; the
+driver passes it to each sampler's ``receive_shm``, which checks the file's header, copies the tensors into
+its own parameters and checks the header again. Right after the pushes the driver starts the store's copy
+(a zero-CPU task on the learner's node that waits for those receives, at most 0.5 s, then reads the file
+into the object store) and publishes its reference to the weight store, so late joiners, samplers that
+fall behind and samplers on another node (the descriptor's node id differs: they load nothing and pull at
+their next batch) keep the object-store path, and the copy stays off the samplers' way. A file is
+rewritten only once every reader sent it (the samplers and the copy task) has returned or died: the driver
+hands the learner those calls with its next ``train`` (:meth:`WeightPusher.take_leases`); a learner whose
+idle file is still being read waits 0.5 s, then sends that version through the object store (counted:
+``weight_shm_fallbacks``, logged). A sampler that cannot read the file (missing, wrong size, bad header,
+overwritten) counts a failure, keeps its weights and pulls from the store at its next batch.
+
 ``gloo`` | ``nccl`` (Ray Direct Transport): the learner host's
 :meth:`~actors.learner_host.LearnerHost.weights` called with
 ``.options(tensor_transport=...)`` returns an RDT object: its tensors stay in the learner's process and
@@ -37,6 +51,9 @@ from typing import Any
 
 import ray
 
+from actors.shm_layout import ShmDescriptor
+from actors.shm_weights import remove_stale, submit_store_copy
+
 log = logging.getLogger("srum.push")
 
 BACKENDS = {"gloo": "torch_gloo", "nccl": "nccl"}
@@ -45,10 +62,13 @@ BACKENDS = {"gloo": "torch_gloo", "nccl": "nccl"}
 class WeightPusher:
     """The pushes of new versions (and, for RDT, one collective group of the learner and the live samplers)."""
 
-    def __init__(self, transport: str):
-        if transport not in ("object_store", *BACKENDS):
-            raise ValueError(f"weight transport {transport!r}: one of 'object_store', {', '.join(map(repr, BACKENDS))}")
-        self.transport = transport
+    def __init__(self, transport: str, run: str = ""):
+        if transport not in ("object_store", "shm", *BACKENDS):
+            raise ValueError(f"weight transport {transport!r}: one of 'object_store', 'shm', "
+                             f"{', '.join(map(repr, BACKENDS))}")
+        self.transport, self.run = transport, run
+        self.store: Any = None  # the weight store's handle (shm: the driver publishes the store's copy)
+        self.leases: dict[int, list[Any]] = {}  # shm: {version: pushes of its file} not yet handed to the learner
         self.group: Any = None
         self.members: tuple[str, ...] = ()
         self.key: tuple[Any, ...] | None = None
@@ -61,17 +81,22 @@ class WeightPusher:
         self.key = None
 
     def push(self, learner: Any, samplers: dict[str, Any], version: int, epoch: int,
-             published: tuple[int, list[Any]] | None = None) -> dict[Any, str]:
+             published: tuple[int, list[Any]] | None = None, shm: ShmDescriptor | None = None) -> dict[Any, str]:
         """Send ``version`` to ``samplers`` ({actor id: handle}, the live ones); ``published`` is the learner's
-        last ``(version, [object ref])`` (object-store transport). Returns {call ref: actor id}, empty when
-        there is nothing new to send or no sampler."""
-        if version == self.pushed_version or not samplers:
+        last ``(version, [object ref])`` (object-store and shm transports), ``shm`` its file when that
+        version went into one. Returns {call ref: actor id}, empty when there is nothing new to send or no
+        sampler."""
+        if version == self.pushed_version:
             return {}
-        if self.transport != "object_store":
+        if self.transport == "shm" and shm is not None and shm.version == version:
+            return self._push_shm(samplers, shm)  # even with no sampler: the store needs the version
+        if not samplers:
+            return {}
+        if self.transport not in ("object_store", "shm"):
             key = (epoch, tuple(sorted(samplers)))
             if key != self.key:
                 self._rebuild(learner, samplers, key)
-        if self.transport == "object_store":
+        if self.transport in ("object_store", "shm"):  # shm: the learner's idle file was busy
             if published is None or published[0] != version:
                 return {}
             ref = published[1][0]
@@ -79,6 +104,23 @@ class WeightPusher:
             ref = learner.weights.options(tensor_transport=self.transport).remote()
         self.pushed_version = version
         return {handle.receive.remote(ref, version): actor_id for actor_id, handle in samplers.items()}
+
+    def _push_shm(self, samplers: dict[str, Any], desc: ShmDescriptor) -> dict[Any, str]:
+        """The descriptor to every sampler, then the store's copy of the file (a task that waits for their
+        receives) published to the weight store."""
+        refs = {h.receive_shm.remote(desc): aid for aid, h in samplers.items()}
+        copy = submit_store_copy(desc, list(refs))
+        meta = {"nbytes": sum(e.nbytes for e in desc.entries), "n_tensors": len(desc.entries), "transport": "shm"}
+        self.store.publish.remote(desc.version, [copy], meta, allow_rollback=True)
+        self.leases[desc.version] = [*refs, copy]
+        self.pushed_version = desc.version
+        return refs
+
+    def take_leases(self) -> dict[int, list[Any]]:
+        """The shm pushes sent since the last call, {version: [call ref]}, for the learner's next ``train``
+        (it rewrites a file only once they are done)."""
+        leases, self.leases = self.leases, {}
+        return leases
 
     def _rebuild(self, learner: Any, samplers: dict[str, Any], key: tuple[Any, ...]) -> None:
         from ray.experimental.collective import create_collective_group, destroy_collective_group
@@ -104,6 +146,8 @@ class WeightPusher:
                  self.transport, time.perf_counter() - t0)
 
     def close(self) -> None:
+        if self.transport == "shm" and self.run:  # files of this run's learners that died without closing
+            remove_stale(self.run)
         if self.group is not None:
             from ray.experimental.collective import destroy_collective_group
 

@@ -59,6 +59,7 @@ class RunConfig(_Section):
     refresh_every: int = Field(20, ge=1, description="Rewrite curves.png and gallery.html every N learner steps (and at the end).")
     eval_every: int = Field(0, ge=0, description="Evaluation every N learner steps, plus at start and end (0 = off): the world's own evaluator, else the VLM evaluator on eval.prompts.")
     eval_seeds: int = Field(2, ge=1, description="Images per held-out prompt in each evaluation.")
+    eval_min_per_category: int = Field(0, ge=0, description="Worlds whose prompts have categories (shapes): more images per prompt where a category has few prompts, so each category gets at least this many (0 = eval_seeds only).")
 
     @field_validator("name")
     @classmethod
@@ -135,7 +136,7 @@ class ShapesPolicyConfig(_PolicyBase):
     num_inference_steps: int = Field(16, ge=1, le=1000, description="Sampler Euler steps per image.")
     guidance_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale for training samples (<=1 disables CFG).")
     sample_shift: float = Field(3.0, gt=0, description="Timestep shift of the sampler's Euler schedule.")
-    pretrain_steps: int = Field(900, ge=0, description="Steps of in-run base pretraining (cached on disk).")
+    pretrain_steps: int = Field(4000, ge=0, description="Steps of base pretraining (the default base is shipped in shapes/bases; other budgets train in-run, cached on disk).")
     pretrain_seed: int = Field(0, ge=0, description="Seed of base pretraining.")
     pretrain_cache_dir: str | None = Field(None, description="Cache dir of pretrained bases (null = $SRUM_CACHE/shapes or ~/.cache/srum/shapes).")
     split_seed: int = Field(0, ge=0, description="Seed of the world's train/held-out prompt split (the one source of both prompt sets).")
@@ -468,7 +469,7 @@ class ClusterConfig(_Section):
     judge_outage_failure_rate: float = Field(0.5, gt=0, le=1, description="Pause sampling when at least this share of the recent scored samples failed in the judge (1 = only when all failed).")
     judge_outage_pause_s: float = Field(5.0, gt=0, description="First pause of sampling during a judge outage; doubles while it lasts (at most 60 s), one probe batch between pauses.")
     max_restarts: int = Field(3, ge=-1, description="Ray actor restarts on failure (-1 = unlimited).")
-    weight_transport: Literal["object_store", "gloo", "nccl"] = Field("object_store", description="How new weights reach the samplers: pulled through Ray's object store, or pushed by Ray Direct Transport over gloo (CPU) or NCCL (GPUs), with the object store as the fallback.")
+    weight_transport: Literal["object_store", "shm", "gloo", "nccl"] = Field("object_store", description="How new weights reach the samplers: through Ray's object store; 'shm': the learner writes each version into a standing pair of /dev/shm files and samplers on its node copy from them (other nodes, late joiners and fallbacks use the object store); or pushed by Ray Direct Transport over gloo (CPU) or NCCL (GPUs), with the object store as the fallback.")
     prompts: PromptSourceConfig = Field(default_factory=PromptSourceConfig, description="Prompt source.")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Ray metrics export port (null = Ray's choice).")
 

@@ -39,14 +39,14 @@ def prepare(cfg: SRUMConfig) -> None:
     """Pretrain (or find in the cache) the base once, so the actors only load it."""
     from shapes.pretrain import pretrain_base, settings_from_config
 
-    print("srum: shapes world: preparing the pretrained base model (cached after the first run)", flush=True)
+    print("srum: shapes world: preparing the pretrained base model (shipped, or trained once and cached)", flush=True)
     pretrain_base(*settings_from_config(_policy_section(cfg)))
 
 
 def evaluator(cfg: SRUMConfig) -> HeldoutEvaluator:
     section = _policy_section(cfg)
     return HeldoutEvaluator(section.split_seed, seeds_per_prompt=cfg.run.eval_seeds,
-                            guidance=section.eval_guidance_scale)
+                            guidance=section.eval_guidance_scale, min_per_category=cfg.run.eval_min_per_category)
 
 
 def prompts(cfg: SRUMConfig) -> list[PromptRecord]:

@@ -39,7 +39,8 @@ from shapes.world import (
     shape_mask,
 )
 
-__all__ = ["Detection", "HeldoutEvaluator", "accuracy", "check", "classify_shape", "detect", "pixel_colors"]
+__all__ = ["Detection", "HeldoutEvaluator", "accuracy", "check", "classify_shape", "detect", "eval_specs",
+           "pixel_colors"]
 
 _PALETTE_NAMES: tuple[str, ...] = ("background", *COLORS)
 _WHITE = np.array(BACKGROUND, dtype=np.float32)
@@ -191,15 +192,27 @@ def _check_image(image: Any) -> np.ndarray:
     return arr
 
 
+def eval_specs(specs: Sequence[Spec], seeds_per_prompt: int = 1, min_per_category: int = 0) -> list[Spec]:
+    """Each spec repeated for its images: ``seeds_per_prompt`` times, or more in a category with few prompts so
+    that every category gets at least ``min_per_category`` images (a category of 4 prompts and a minimum of 100
+    takes 25 images of each). With a minimum of 100, one image is at most 1 point of a category."""
+    if seeds_per_prompt < 1 or min_per_category < 0:
+        raise ValueError(f"need seeds_per_prompt >= 1 and min_per_category >= 0, got {seeds_per_prompt}, "
+                         f"{min_per_category}")
+    n_cat = {c: sum(s.category == c for s in specs) for c in CATEGORIES}
+    return [s for s in specs for _ in range(max(seeds_per_prompt, math.ceil(min_per_category / n_cat[s.category])))]
+
+
 class HeldoutEvaluator:
     """:func:`accuracy` of a policy's samples on the world's held-out prompts (the split of ``split_seed``),
-    ``seeds_per_prompt`` images each with seeds ``seed, seed + 1, ...``, sampled with CFG ``guidance``
-    (None = the policy's own) in chunks of ``batch_size``."""
+    ``seeds_per_prompt`` images each (at least ``min_per_category`` images per category: :func:`eval_specs`)
+    with seeds ``seed, seed + 1, ...``, sampled with CFG ``guidance`` (None = the policy's own) in chunks of
+    ``batch_size``."""
 
     def __init__(self, split_seed: int = 0, seeds_per_prompt: int = 2, guidance: float | None = None,
-                 seed: int = 10_000, batch_size: int = 66):
+                 seed: int = 10_000, batch_size: int = 66, min_per_category: int = 0):
         _, held = make_split(split_seed)
-        self.specs = [s for s in held for _ in range(seeds_per_prompt)]
+        self.specs = eval_specs(held, seeds_per_prompt, min_per_category)
         self.prompts = [prompt_of(s) for s in self.specs]
         self.seeds = list(range(seed, seed + len(self.specs)))
         self.guidance, self.batch_size = guidance, batch_size

@@ -355,7 +355,7 @@ def test_describe_config_lists_every_leaf_field():
     per_section: dict[str, int] = {}
     for key in docs:
         per_section[key.split(".")[0]] = per_section.get(key.split(".")[0], 0) + 1
-    assert per_section == {"run": 8, "policy": 14 + 5, "judge": 7, "regions": 10, "reward": 8, "learner": 19, "eval": 12,
+    assert per_section == {"run": 9, "policy": 14 + 5, "judge": 7, "regions": 10, "reward": 8, "learner": 19, "eval": 12,
                            # cluster: 17 own + 3 per actor-resources section x 2 + 5 prompt-source fields
                            # + weight_transport, ahead_batches, mode, round_samples, round_epochs
                            "cluster": 17 + 3 * 2 + 5 + 5}

@@ -186,3 +186,12 @@ def test_judge_server_launcher_starts_waits_restarts_and_stops(tmp_path):
         bad.start()
     cmd = JudgeServerLauncher.vllm_command("m", 8000, "judge")
     assert cmd[:3] == ["vllm", "serve", "m"] and cmd[cmd.index("--served-model-name") + 1] == "judge"
+
+
+def test_eval_line_gives_images_and_the_mean_over_categories():
+    from cluster.progress import format_eval
+
+    line = format_eval({"overall": 0.25, "n": 132.0, "step": 10, "single": 0.75, "spatial": 0.05, "eval_seconds": 3.0})
+    assert line == ("srum: held-out accuracy at step 10: 25.0% of 132 images, 40.0% averaged over categories "
+                    "(single 75%, spatial 5%)")
+    assert format_eval({"overall": 0.5, "step": 1}) == "srum: held-out accuracy at step 1: 50.0%"

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from core.config import LearnerConfig, ShapesPolicyConfig
 from core.records import TrainBatch
@@ -21,8 +22,13 @@ from shapes.pretrain import (
     ShapesArch,
     base_info,
     base_path,
+    load_base,
     load_policy,
     pretrain_base,
+    train_base,
+    update_ema,
+    verify,
+    weights_digest,
 )
 
 TEST_STEPS = 30
@@ -84,6 +90,68 @@ def test_pretrain_caches_and_second_call_loads(cache_dir, tmp_path):
     # another budget or seed is another cache entry
     assert base_path(ShapesArch(), PretrainSettings(steps=TEST_STEPS + 1), cache_dir) != path
     assert base_path(ShapesArch(), PretrainSettings(steps=TEST_STEPS, seed=1), cache_dir) != path
+
+
+def test_ema_update_by_hand():
+    avg, cur = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        avg.weight.fill_(1.0)
+        cur.weight.fill_(3.0)
+    update_ema([avg], (cur,), decay=0.75)
+    assert avg.weight.item() == pytest.approx(0.75 * 1.0 + 0.25 * 3.0)
+
+
+def test_pretraining_is_bit_reproducible_and_saves_the_average():
+    """The shipped base's promise on a short schedule: the same settings give the same weights digest; the
+    saved weights are the average, not the last iterate."""
+    s = PretrainSettings(steps=6, batch_size=4, warmup_steps=2)
+    state_a, _ = train_base(ShapesArch(), s, log_every=3)
+    state_b, _ = train_base(ShapesArch(), s, log_every=3)
+    assert weights_digest(state_a) == weights_digest(state_b)
+    last, _ = train_base(ShapesArch(), s.model_copy(update={"ema_decay": 0.0}), log_every=3)
+    assert weights_digest(last) != weights_digest(state_a)
+    other, _ = train_base(ShapesArch(), s.model_copy(update={"seed": 1}), log_every=3)
+    assert weights_digest(other) != weights_digest(state_a)
+
+
+def test_shipped_base_is_found_verified_and_a_corrupt_one_refused(tmp_path, monkeypatch):
+    from shapes import pretrain
+
+    s = PretrainSettings(steps=3, batch_size=2, warmup_steps=1)
+    shipped = tmp_path / "bases"
+    monkeypatch.setattr(pretrain, "SHIPPED_DIR", shipped)
+    path = pretrain_base(ShapesArch(), s, shipped)  # what `--ship` does
+    empty_cache = tmp_path / "cache"
+    assert pretrain_base(ShapesArch(), s, empty_cache) == path  # a cache miss takes the shipped file
+    assert not empty_cache.exists()
+    assert base_info(path)["weights_sha256"] == weights_digest(dict(load_file(str(path))))
+    assert verify(ShapesArch(), s, path)  # retrained from scratch: the same digest
+    state = dict(load_file(str(path)))
+    name = sorted(state)[0]
+    state[name] = state[name] + 1.0
+    save_file(state, str(path), metadata=safe_metadata(path))
+    with pytest.raises(ValueError, match="corrupt"):
+        load_base(ShapesArch(), s, empty_cache)
+
+
+def test_the_default_config_uses_the_shipped_base():
+    """Changing the default recipe without shipping its base would make `make run` pretrain for half an hour."""
+    from core.config_io import load_config
+    from shapes.pretrain import settings_from_config, shipped_path
+    from tests.ray_cluster import REPO
+
+    arch, settings, _ = settings_from_config(load_config(REPO / "configs" / "default.yaml", []).policy)
+    path = shipped_path(arch, settings)
+    assert path.exists(), f"no shipped base for the default settings: run `python -m shapes.pretrain --ship` ({path.name})"
+    info = base_info(path)
+    assert info["settings"] == settings.model_dump() and len(info["weights_sha256"]) == 64
+
+
+def safe_metadata(path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata())
 
 
 def test_load_policy_pretrains_into_empty_cache_dir(tmp_path):

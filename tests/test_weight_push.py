@@ -1,4 +1,5 @@
-"""Weights pushed by the driver (cluster/push.py): through the object store by default, and by Ray Direct
+"""Weights pushed by the driver (cluster/push.py): through the object store by default, through the
+learner's shared-memory files (shm), and by Ray Direct
 Transport over gloo on this CPU (the NCCL path is the same code with another backend), with the group
 rebuilt when a sampler joins. (A sampler that dies during an RDT transfer cannot be tested as a fallback:
 Ray 2.60 kills both ends of a failed gloo/NCCL transfer, the learner included; see cluster/push.py.)"""
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -43,12 +45,16 @@ def run(ray, tmp_path, transport: str, grow_at: int | None = None, steps: int = 
     return driver.run(), driver
 
 
-def test_object_store_pushes_reach_every_sampler(ray_local, tmp_path):
-    summary, driver = run(ray_local, tmp_path, "object_store")
-    versions = summary["sampler_versions"]
+@pytest.mark.parametrize("transport", ["object_store", "shm"])
+def test_pushes_reach_every_sampler(ray_local, tmp_path, transport):
+    summary, driver = run(ray_local, tmp_path, transport)
+    versions, counts = summary["sampler_versions"], summary["counts"]
     assert summary["step"] == 10 and summary["invariant_ok"]
-    assert summary["counts"]["weight_pushes"] >= 2 * 8 and summary["counts"].get("weight_push_failures", 0) == 0
+    assert counts["weight_pushes"] >= 2 * 8 and counts.get("weight_push_failures", 0) == 0
     assert set(versions) == {"sampler-0", "sampler-1"} and min(versions.values()) >= 9
+    if transport == "shm":  # most versions went through the files (a busy file sends one by the object store)
+        assert counts["weight_shm_fallbacks"] <= 5, counts
+        assert not [p for p in Path("/dev/shm").glob("srum-w-push-shm-*")]  # the learner's stop removed its pair
 
 
 def test_gloo_pushes_and_a_group_that_cannot_grow_falls_back_to_the_object_store(ray_local, tmp_path):
