@@ -23,8 +23,8 @@ import ray
 
 from actors.components import Components
 from actors.shm_layout import ShmDescriptor
-from actors.shm_weights import ShmWriter, submit_store_copy
-from actors.weights import publish_state, state_nbytes
+from actors.shm_weights import ShmWriter, publish_store_copy
+from actors.weights import publish_state
 from core.metrics import Metric, Metrics
 from core.records import TrainSample, collate
 from learner.checkpoint import find_latest
@@ -95,10 +95,8 @@ class LearnerHost:
                 self._published, self._shm_desc, self._ack = (version, []), desc, None
                 seconds = time.perf_counter() - t0
             elif desc is not None:  # not pushed: the store gets a reference that resolves once a task copied it
-                ref = submit_store_copy(desc)
+                ref, self._ack = publish_store_copy(self.store, desc)
                 self.shm.lease(version, [ref])
-                meta = {"nbytes": state_nbytes(params), "n_tensors": len(params), "transport": "shm"}
-                self._ack = self.store.publish.remote(version, [ref], meta, allow_rollback=True)
                 self._published, self._shm_desc = (version, [ref]), None
                 seconds = time.perf_counter() - t0
             else:

@@ -54,7 +54,7 @@ from actors.shm_layout import (
 from actors.weights import to_cpu_state
 
 __all__ = ["SHM_DIR", "ACK_WAIT_S", "ShmWriter", "ShmReader", "ShmReceipt", "receive_shm", "remove_stale",
-           "submit_store_copy", "store_copy", "ray_is_done", "ray_wait_all"]
+           "submit_store_copy", "publish_store_copy", "store_copy", "ray_is_done", "ray_wait_all"]
 
 log = logging.getLogger("srum.shm")
 
@@ -246,6 +246,14 @@ def submit_store_copy(desc: ShmDescriptor, readers: list[Any] | None = None) -> 
         _remote_store_copy = ray.remote(num_cpus=0, max_retries=0)(store_copy)
     strategy = NodeAffinitySchedulingStrategy(desc.node_id, soft=False) if desc.node_id else "DEFAULT"
     return _remote_store_copy.options(scheduling_strategy=strategy).remote(desc, list(readers or []))
+
+
+def publish_store_copy(store: Any, desc: ShmDescriptor, readers: list[Any] | None = None) -> tuple[Any, Any]:
+    """Start the store's copy of ``desc``'s file (:func:`submit_store_copy`, after ``readers``) and publish its
+    reference to the weight ``store``; returns ``(copy ref, the store's answer)``."""
+    copy = submit_store_copy(desc, readers)
+    meta = {"nbytes": sum(e.nbytes for e in desc.entries), "n_tensors": len(desc.entries), "transport": "shm"}
+    return copy, store.publish.remote(desc.version, [copy], meta, allow_rollback=True)
 
 
 @dataclass(frozen=True)

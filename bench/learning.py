@@ -24,7 +24,8 @@ last quarter of its steps. Evaluation samples with `policy.eval_guidance_scale` 
 Each arm runs the in-process reference loop (:func:`srum.local.run_local`: the same generate / score /
 collate / train functions the service's actors wrap); only the Ray plumbing is left out so that 24 runs
 fit in minutes.
-Means come with 95 % intervals over seeds (:mod:`core.stats`; differences of arms by Welch's interval).
+Means come with 95 % intervals over seeds (:mod:`core.stats`); differences of arms are paired by seed (the
+same evaluation seeds and prompts), else Welch's interval.
 Ends with `RESULT` lines (targets from issue 11: SRUM >= base + 10 points with the interval's lower end above
 5; SRUM >= self-SFT + 3 with it above 0; SRUM's training reward rises more than self-SFT's; the benchmark's
 minutes, at most 90).
@@ -51,7 +52,7 @@ from core.config_io import load_config  # noqa: E402
 from core.stats import diff_ci95, mean_ci95, paired_diff_ci95  # noqa: E402
 from learner.loss import exact_fit_accuracy, sample_loss_weight  # noqa: E402
 from shapes import evaluator  # noqa: E402
-from shapes.world import parse_prompt, prompt_of, prompt_records  # noqa: E402
+from shapes.world import CATEGORIES, parse_prompt, prompt_of, prompt_records  # noqa: E402
 from srum.local import run_local  # noqa: E402
 from srum.registry import compose  # noqa: E402
 
@@ -73,9 +74,6 @@ ARMS: dict[str, list[str]] = {
 
 def arm_config(arm: str, seed: int, extra: list[str]) -> SRUMConfig:
     return load_config(CONFIG, [f"run.seed={seed}", *ARMS[arm], *extra])
-
-
-CATEGORIES = ("single", "counting", "color_binding", "spatial")
 
 
 def evaluate(policy, prompts: list[str], eval_seeds: int, seed: int, guidance: float | None,

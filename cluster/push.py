@@ -52,7 +52,7 @@ from typing import Any
 import ray
 
 from actors.shm_layout import ShmDescriptor
-from actors.shm_weights import remove_stale, submit_store_copy
+from actors.shm_weights import publish_store_copy, remove_stale
 
 log = logging.getLogger("srum.push")
 
@@ -109,9 +109,7 @@ class WeightPusher:
         """The descriptor to every sampler, then the store's copy of the file (a task that waits for their
         receives) published to the weight store."""
         refs = {h.receive_shm.remote(desc): aid for aid, h in samplers.items()}
-        copy = submit_store_copy(desc, list(refs))
-        meta = {"nbytes": sum(e.nbytes for e in desc.entries), "n_tensors": len(desc.entries), "transport": "shm"}
-        self.store.publish.remote(desc.version, [copy], meta, allow_rollback=True)
+        copy, _ = publish_store_copy(self.store, desc, list(refs))
         self.leases[desc.version] = [*refs, copy]
         self.pushed_version = desc.version
         return refs

@@ -299,11 +299,11 @@ def load_base(arch: ShapesArch | None = None, settings: PretrainSettings | None 
     arch, settings = arch or ShapesArch(), settings or PretrainSettings()
     path = pretrain_base(arch, settings, cache_dir)
     text_encoder, denoiser, tokenizer = build_modules(arch, settings.seed)
-    vocab = base_info(path)["vocab"]
-    if vocab != tokenizer.vocab:
+    info = base_info(path)
+    if info["vocab"] != tokenizer.vocab:
         raise ValueError(f"cached base {path} has a different vocabulary; delete it to retrain")
     state = load_file(str(path))
-    want = base_info(path).get("weights_sha256")
+    want = info.get("weights_sha256")
     if want is not None and weights_digest(state) != want:
         raise ValueError(f"base {path} is corrupt: its weights do not match the digest it was saved with; delete it "
                          "to retrain")
